@@ -1,0 +1,1 @@
+"""Hypernetworks that predict LoRA weights from subject images (HyperDreamBooth family)."""

@@ -1,0 +1,1 @@
+"""Personalization metrics: CLIP-I, CLIP-T, DINO, face identity, and the DreamBench protocol."""

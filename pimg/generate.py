@@ -1,0 +1,127 @@
+"""`pimg generate`: prompts in, PNGs plus the exact settings out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pimg.errors import InputError
+
+
+@dataclass
+class GenerateRequest:
+    """Everything one `pimg generate` run needs.
+
+    Attributes:
+        base: built-in name, diffusers folder, single checkpoint file or hub id.
+        prompts: prompts given directly; `prompt_file` adds one prompt per non-empty line.
+        loras: (path, scale) pairs.
+        embeddings: (path, token or None) pairs.
+        guidance_scale: None picks the base model's recommended value.
+        num_images: images per prompt; image k of a prompt uses seed `seed + k`.
+        device: "auto" picks CUDA with half precision when present, else CPU fp32.
+    """
+
+    base: str = "tiny"
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    negative_prompt: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    embeddings: list[tuple[str, str | None]] = field(default_factory=list)
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    out_dir: str = "out"
+    device: str = "auto"
+    config_folder: str | None = None
+
+    def validate(self) -> None:
+        """Cheap checks before any model loads, so a typo fails in a second, not after loading."""
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and (value <= 0 or value % 8):
+                raise InputError(
+                    f"--{name} must be a positive multiple of 8, got {value}; try {max(8, value // 8 * 8)}."
+                )
+        for path, _ in [*self.loras, *self.embeddings]:
+            if not Path(path).exists():
+                raise InputError(f"{path} does not exist; check the path given to --lora / --embedding.")
+        if self.num_images < 1:
+            raise InputError(f"--num-images must be >= 1, got {self.num_images}.")
+
+    def all_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if any(not p.strip() for p in prompts):
+            raise InputError(
+                'an empty --prompt was given; write the text to generate, e.g. --prompt "a red star".'
+            )
+        if self.prompt_file:
+            path = Path(self.prompt_file)
+            if not path.is_file():
+                raise InputError(f"--prompt-file {path} does not exist.")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InputError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE.")
+        return prompts
+
+
+def run_generate(request: GenerateRequest) -> list[Path]:
+    """Generate every prompt's images into `request.out_dir`; returns the PNG paths.
+
+    Writes `NNN_seedS.png` files (settings in their PNG text chunks) and `settings.json` with the
+    request and each image's settings.
+    """
+    from tqdm.auto import tqdm
+
+    from pimg.models import BUILTIN_MODELS, pick_device
+    from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
+
+    request.validate()
+    prompts = request.all_prompts()
+    device, dtype, reason = pick_device(request.device)
+    print(f"pimg: {reason}")
+    pp = PersonalizedPipeline.from_base(
+        request.base,
+        device=device,
+        dtype=dtype,
+        scheduler=request.scheduler,
+        config_folder=request.config_folder,
+    )
+    pp.pipe.set_progress_bar_config(disable=True)
+    for path, token in request.embeddings:
+        pp.add(EmbeddingPart(path, token))
+    for path, scale in request.loras:
+        pp.add(LoraPart(path, scale))
+    guidance = request.guidance_scale
+    if guidance is None:
+        guidance = BUILTIN_MODELS[request.base].guidance_scale if request.base in BUILTIN_MODELS else 7.5
+    out = Path(request.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    records = []
+    bar = tqdm(total=len(prompts) * request.num_inference_steps, desc="generate", unit="step")
+    for i, prompt in enumerate(prompts):
+        images = pp.generate(
+            prompt,
+            negative_prompt=request.negative_prompt,
+            num_images=request.num_images,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=guidance,
+            seed=request.seed,
+            height=request.height,
+            width=request.width,
+            callback=lambda step, total: bar.update(1),
+        )
+        for k, generated in enumerate(images):
+            path = generated.save(out / f"{i:03d}_{k:02d}_seed{generated.settings['seed']}.png")
+            written.append(path)
+            records.append({"file": path.name, **generated.settings})
+    bar.close()
+    settings = {"request": asdict(request), "device": device, "dtype": str(dtype), "images": records}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    print(f"pimg: wrote {len(written)} images and settings.json to {out}")
+    return written

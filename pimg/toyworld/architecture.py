@@ -1,0 +1,177 @@
+"""The tiny base model's architecture, as data: Stable Diffusion's parts at toy-world scale.
+
+The same classes as SD 1.x (CLIP text tower, AutoencoderKL, UNet2DConditionModel), so every
+pimg method that works on `tiny` runs unchanged on a real SD checkpoint. Sizes were picked by
+measured CPU speed: a batch-8 UNet forward (4 images with classifier-free guidance) in ~60 ms on
+2 cores keeps 25-step generation of 4 images within a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: CLIP text tower; its last hidden state conditions the UNet, as in SD 1.x.
+TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+)
+
+#: CLIP vision tower: a ViT over 8x8 patches of the 64x64 image.
+VISION_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+)
+
+#: 64x64x3 -> 16x16x4 latents (two downsamplings), as SD's 8x VAE is to 512 px.
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+)
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(64, 128, 256),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=TEXT_CONFIG["hidden_size"],
+    attention_head_dim=4,
+    norm_num_groups=16,
+)
+
+#: SD 1.x's noise schedule.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+)
+
+#: SD 1.x's latent scale; the trained VAE's own value replaces it (1 / std of its latents).
+DEFAULT_LATENT_SCALE = 0.18215
+
+
+def tokenizer_words() -> list[str]:
+    """Every word the tiny tokenizer keeps whole: the grammar, rare identifiers, a few prompt words."""
+    from pimg.toyworld.captions import VOCABULARY
+    from pimg.toyworld.tokenizer import EXTRA_WORDS, RARE_TOKENS
+
+    return sorted(set(VOCABULARY) | set(RARE_TOKENS) | set(EXTRA_WORDS))
+
+
+def build_clip(tokenizer, seed: int = 0):
+    """A randomly initialised tiny `CLIPModel` (text + vision towers)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(
+        TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(
+        text_config=text, vision_config=VISION_CONFIG, projection_dim=TEXT_CONFIG["projection_dim"]
+    )
+    return CLIPModel(config)
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG, scaling_factor=DEFAULT_LATENT_SCALE)
+
+
+def build_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        **{k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample" and k != "set_alpha_to_one"}
+    )
+
+
+def text_encoder_from_clip(clip):
+    """The CLIP text tower as a standalone `CLIPTextModel` (what SD pipelines call `text_encoder`)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5 flattened CLIPTextModel: its state dict is the CLIP text tower's, unprefixed.
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder
+
+
+def assemble_pipeline(tokenizer, clip, vae, unet):
+    """A diffusers `StableDiffusionPipeline` from tiny parts (no safety checker: synthetic domain)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder_from_clip(clip),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_model_folder(pipeline, clip, folder: str | Path, *, half: bool = False) -> Path:
+    """Save a pipeline in diffusers folder format plus the full CLIP under `clip/`.
+
+    `StableDiffusionPipeline.from_pretrained(folder)` reads it; `CLIPModel.from_pretrained(folder/"clip")`
+    reads the CLIP whose towers serve the toy metrics.
+    """
+    folder = Path(folder)
+    if half:
+        pipeline = pipeline.to(torch.float16)
+        clip = clip.to(torch.float16)
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    clip.save_pretrained(str(folder / "clip"), safe_serialization=True)
+    pipeline.tokenizer.save_pretrained(str(folder / "clip"))
+    return folder
+
+
+def build_random_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build the untrained tiny model deterministically from config and save it to `folder`.
+
+    Tests use it as a fast, dependency-free stand-in with the real architecture and file layout.
+    """
+    from pimg.toyworld.tokenizer import build_tokenizer
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(tokenizer_words(), folder / "tokenizer")
+    clip = build_clip(tokenizer, seed)
+    pipeline = assemble_pipeline(tokenizer, clip, build_vae(seed), build_unet(seed))
+    return save_model_folder(pipeline, clip, folder)

@@ -1,0 +1,328 @@
+"""The one training loop every pimg method runs on.
+
+A method is a small object (see `TrainingMethod`): it names its trainable modules, yields batches,
+computes a loss, draws samples and saves its output. The loop owns everything else: accelerate
+(mixed precision, gradient accumulation, multi-GPU through `accelerate launch`), the optimizer and
+LR schedule, optional EMA, atomic checkpoints, exact resume, sample images, TensorBoard logs and the
+progress bar.
+
+Exact resume rests on one rule: everything random in step k (the batch, the noise, the timesteps)
+is drawn from generators seeded by (seed, k), never from a stream carried across steps. A run
+restarted from the checkpoint of step k therefore sees the same step k+1 as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pimg.errors import InputError, TrainingError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the training loop shared by every method.
+
+    Attributes:
+        steps: optimizer steps to run in total.
+        learning_rate: peak learning rate.
+        lr_schedule: one of `LR_SCHEDULES`; decays after the warm-up.
+        warmup_steps: linear warm-up from 0 to `learning_rate`.
+        weight_decay: AdamW weight decay.
+        gradient_accumulation: micro-batches per optimizer step.
+        mixed_precision: "no", "bf16" or "fp16" (fp16 needs CUDA; bf16 also speeds up recent CPUs).
+        max_grad_norm: gradient clipping norm (0 disables).
+        use_8bit_adam: bitsandbytes' AdamW8bit when installed (CUDA only).
+        gradient_checkpointing: trade compute for memory in modules that support it.
+        ema_decay: keep an exponential moving average of the trainable weights (None: off).
+        checkpoint_every: write a resumable checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many checkpoints to keep on disk.
+        sample_every: draw sample images every N steps (0: only at the end).
+        log_every: write scalars to TensorBoard every N steps.
+        seed: seeds every random draw of the run (see module docstring).
+    """
+
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise InputError(f"steps must be >= 1, got {self.steps}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise InputError(f"mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISION}.")
+        if self.gradient_accumulation < 1:
+            raise InputError(f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise InputError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}.")
+
+
+class TrainingMethod(Protocol):
+    """What a method gives the loop. Methods never import each other; shared code lives in `pimg/`."""
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules with trainable parameters, by name (checkpointed and optimized)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters to optimize (a subset of `trainable_modules`' parameters)."""
+
+    def batch(self, step: int, micro: int, seed: int) -> Any:
+        """The batch of micro-batch `micro` of optimizer step `step`, a pure function of its arguments."""
+
+    def loss(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss to minimise and scalars to log. Draw all noise from `generator`."""
+
+    def sample(self, step: int, out_dir: Path) -> Path | None:
+        """Save sample images for `step` under `out_dir`; return the file written, if any."""
+
+    def save(self, out_dir: Path) -> None:
+        """Write the finished result in its ecosystem format."""
+
+
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """A CPU generator for one (step, micro-batch), so a resumed run draws exactly the same numbers."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))
+
+
+def _lr_lambda(config: LoopConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise InputError(
+                "use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only), or turn it off."
+            ) from exc
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+class EMA:
+    """Exponential moving average of parameters (shadow copies in fp32)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params, strict=True):
+            live = p.detach().float().clone()
+            p.copy_(s.to(p.dtype))
+            s.copy_(live)
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder under `out_dir`, or None."""
+    folder = _checkpoint_dir(out_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("step_*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def _save_checkpoint(out_dir: Path, step: int, modules, optimizer, scheduler, ema, keep: int) -> None:
+    """Write the checkpoint to a temporary folder, then rename: a kill mid-write leaves the old one intact."""
+    root = _checkpoint_dir(out_dir)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if ema is not None:
+        save_file({str(i): s for i, s in enumerate(ema.shadow)}, str(tmp / "ema.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, modules, optimizer, scheduler, ema) -> int:
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if ema is not None:
+        shadow = load_file(str(path / "ema.safetensors"))
+        for i, s in enumerate(ema.shadow):
+            s.copy_(shadow[str(i)])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def run_training(
+    method: TrainingMethod,
+    config: LoopConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    resolved_config: dict | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train `method` for `config.steps` optimizer steps and save its result under `out_dir`.
+
+    Args:
+        method: the method object (see `TrainingMethod`).
+        config: loop settings.
+        out_dir: where checkpoints, samples, logs and the result go.
+        resume: continue from the newest checkpoint in `out_dir` (error if there is none).
+        resolved_config: the full configuration, written beside the output as `config.json`.
+        progress: show a tqdm bar.
+    Returns:
+        The last logged scalars plus `wall_time_s`.
+    """
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resolved_config is not None:
+        (out / "config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
+    )
+    modules = method.trainable_modules()
+    if config.gradient_checkpointing:
+        for module in modules.values():
+            if getattr(module, "supports_gradient_checkpointing", False):
+                module.enable_gradient_checkpointing()
+    params = method.trainable_parameters()
+    if not params:
+        raise TrainingError("the method has no trainable parameters; check its configuration.")
+    optimizer = _make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    ema = EMA(params, config.ema_decay) if config.ema_decay else None
+    # The modules stay owned by the method; accelerate wraps them for device placement and DDP.
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2], strict=True)), prepared[-2], prepared[-1]
+
+    start = 0
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise TrainingError(f"--resume was given but {out} holds no checkpoint; start without --resume.")
+        start = _load_checkpoint(checkpoint, modules, optimizer, scheduler, ema)
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+
+    writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    logs: dict[str, float] = {}
+    began = time.time()
+    for step in range(start, config.steps):
+        for micro in range(config.gradient_accumulation):
+            batch = method.batch(step, micro, config.seed)
+            with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
+                loss, logs = method.loss(batch, step_generator(config.seed, step, micro))
+                if not torch.isfinite(loss):
+                    _save_checkpoint(
+                        out, step, modules, optimizer, scheduler, ema, config.keep_checkpoints + 1
+                    )
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step}. A checkpoint of the last good weights "
+                        f"is in {_checkpoint_dir(out)}; lower the learning rate (now {config.learning_rate}) "
+                        "or use mixed_precision='no', then resume."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        done = step + 1
+        logs = {"loss": float(loss.detach()), **logs, "lr": scheduler.get_last_lr()[0]}
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        bar.update(1)
+        if writer is not None and (done % config.log_every == 0 or done == config.steps):
+            for key, value in logs.items():
+                writer.add_scalar(f"train/{key}", value, done)
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if accelerator.is_main_process:
+                _save_checkpoint(out, done, modules, optimizer, scheduler, ema, config.keep_checkpoints)
+        if config.sample_every and done % config.sample_every == 0 and done < config.steps:
+            _sample(method, done, out, ema, writer)
+    bar.close()
+    if ema is not None:
+        ema.swap()  # the finished model is the averaged one
+    if accelerator.is_main_process:
+        _sample(method, config.steps, out, None, writer)
+        _save_checkpoint(out, config.steps, modules, optimizer, scheduler, None, config.keep_checkpoints)
+        method.save(out)
+    if writer is not None:
+        writer.close()
+    logs["wall_time_s"] = time.time() - began
+    return logs
+
+
+def _sample(method: TrainingMethod, step: int, out: Path, ema: EMA | None, writer) -> None:
+    if ema is not None:
+        ema.swap()
+    try:
+        path = method.sample(step, out / "samples")
+    finally:
+        if ema is not None:
+            ema.swap()
+    if path is not None and writer is not None:
+        import numpy as np
+        from PIL import Image
+
+        writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")

@@ -1,0 +1,369 @@
+"""Training the toy world's base model `tiny` in three stages on the shared loop: clip, vae, unet.
+
+- clip: a tiny CLIP learns toy captions against toy images contrastively (Radford et al. 2021).
+- vae: an AutoencoderKL learns 64x64 -> 16x16x4 latents (reconstruction + a small KL term).
+- unet: a UNet2DConditionModel learns epsilon-prediction (Ho et al. 2020) in the frozen VAE's latent
+  space, conditioned on the frozen CLIP text tower's last hidden states, as Stable Diffusion is
+  (Rombach et al. 2022). Captions are dropped 10% of the time for classifier-free guidance.
+
+Every stage streams fresh scenes from the toy world's training split (held-out compositions never
+appear), so there is no dataset to overfit and the step index alone fixes each batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pimg.trainers.loop import LoopConfig, latest_checkpoint, run_training
+
+from pimg.errors import TrainingError
+from pimg.imaging import grid, to_model_range, to_uint8
+from pimg.toyworld import architecture as arch
+from pimg.toyworld.captions import SceneStream
+from pimg.toyworld.tokenizer import build_tokenizer
+
+STAGES = ("clip", "vae", "unet")
+#: Folder each stage writes its finished result to, inside its stage folder.
+STAGE_RESULT = {"clip": "clip", "vae": "vae", "unet": "model"}
+
+#: Prompts drawn in every UNet sample grid; the last three use held-out compositions.
+SAMPLE_PROMPTS = (
+    "a red star on a blue background",
+    "a large yellow circle at the left on a black background",
+    "a small green square at the top on a white background",
+    "a large purple and orange striped heart on a green background",
+    "a small red circle at the left and a small blue square at the right on a yellow background",
+    "a white triangle at the bottom on a purple background",
+)
+
+
+@dataclass
+class StageConfig:
+    """One stage: its loop settings and batch size."""
+
+    batch_size: int = 64
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+@dataclass
+class ToyBaseConfig:
+    """Settings of `pimg toyworld train-base`.
+
+    Attributes:
+        out_dir: run folder; each stage trains in `out_dir/<stage>`, the model lands in `out_dir/model`.
+        stages: which stages to run, in order; later stages read earlier stages' results.
+        clip, vae, unet: per-stage settings.
+        caption_dropout: share of UNet training captions replaced by "" (for classifier-free guidance).
+        noise_offset: per-channel constant noise added to the diffusion noise, so flat backgrounds of
+            any brightness stay reachable from pure noise (Guttenberg 2023, "offset noise").
+        min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+        two_object_prob: share of two-object scenes in training.
+        caption_drop_prob: chance that a caption leaves out an object's size or position.
+    """
+
+    out_dir: str = "runs/tiny"
+    stages: tuple[str, ...] = STAGES
+    clip: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            batch_size=128,
+            loop=LoopConfig(
+                steps=600,
+                learning_rate=1e-3,
+                lr_schedule="cosine",
+                warmup_steps=100,
+                weight_decay=0.1,
+                mixed_precision="bf16",
+                checkpoint_every=250,
+            ),
+        )
+    )
+    vae: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            batch_size=32,
+            loop=LoopConfig(
+                steps=1200,
+                learning_rate=1e-3,
+                lr_schedule="cosine",
+                warmup_steps=100,
+                weight_decay=0.0,
+                mixed_precision="bf16",
+                checkpoint_every=200,
+                sample_every=400,
+            ),
+        )
+    )
+    unet: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            batch_size=64,
+            loop=LoopConfig(
+                steps=2500,
+                learning_rate=5e-4,
+                lr_schedule="cosine",
+                warmup_steps=150,
+                weight_decay=0.01,
+                mixed_precision="bf16",
+                checkpoint_every=100,
+                sample_every=500,
+                ema_decay=0.998,
+            ),
+        )
+    )
+    caption_dropout: float = 0.1
+    noise_offset: float = 0.1
+    min_snr_gamma: float = 5.0
+    two_object_prob: float = 0.3
+    caption_drop_prob: float = 0.3
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise TrainingError(f"unknown stage(s) {unknown}; the stages are {STAGES}.")
+
+
+def _stream_batch(config: ToyBaseConfig, batch_size: int, step: int, micro: int, seed: int):
+    stream = SceneStream(
+        seed=seed * 7_919 + step * 131 + micro,
+        split="train",
+        two_object_prob=config.two_object_prob,
+        drop_prob=config.caption_drop_prob,
+    )
+    images, captions, _ = stream.batch(batch_size)
+    return images, captions
+
+
+class ClipStage:
+    """Contrastive image/caption training of the tiny CLIP."""
+
+    def __init__(self, config: ToyBaseConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.clip = arch.build_clip(tokenizer, seed=config.clip.loop.seed)
+
+    def trainable_modules(self):
+        return {"clip": self.clip}
+
+    def trainable_parameters(self):
+        return list(self.clip.parameters())
+
+    def batch(self, step, micro, seed):
+        images, captions = _stream_batch(self.config, self.config.clip.batch_size, step, micro, seed)
+        tokens = self.tokenizer(captions, padding="longest", return_tensors="pt")
+        return to_model_range(images), tokens.input_ids, tokens.attention_mask
+
+    def loss(self, batch, generator):
+        pixels, input_ids, attention_mask = batch
+        out = self.clip(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, return_loss=True
+        )
+        with torch.no_grad():
+            top1 = (out.logits_per_image.argmax(1) == torch.arange(len(pixels))).float().mean().item()
+        return out.loss, {"retrieval_top1": top1}
+
+    def sample(self, step, out_dir):
+        return None
+
+    def save(self, out_dir):
+        self.clip.save_pretrained(str(out_dir / "clip"), safe_serialization=True)
+
+
+class VaeStage:
+    """Reconstruction training of the tiny AutoencoderKL (MSE + L1 + small KL)."""
+
+    kl_weight = 1e-6
+    #: The VAE is fully convolutional, so it trains on random 32x32 crops: a quarter of the compute
+    #: per image, with the same edges and patterns. Offsets are multiples of 4 to keep the latent grid.
+    crop_size = 32
+
+    def __init__(self, config: ToyBaseConfig):
+        self.config = config
+        self.vae = arch.build_vae(seed=config.vae.loop.seed)
+
+    def trainable_modules(self):
+        return {"vae": self.vae}
+
+    def trainable_parameters(self):
+        return list(self.vae.parameters())
+
+    def batch(self, step, micro, seed):
+        images, _ = _stream_batch(self.config, self.config.vae.batch_size, step, micro, seed)
+        rng = np.random.default_rng(seed * 31 + step * 7 + micro)
+        offsets = rng.integers(0, (64 - self.crop_size) // 4 + 1, size=(len(images), 2)) * 4
+        crops = np.stack(
+            [
+                im[y : y + self.crop_size, x : x + self.crop_size]
+                for im, (y, x) in zip(images, offsets, strict=True)
+            ]
+        )
+        return to_model_range(crops)
+
+    def loss(self, pixels, generator):
+        posterior = self.vae.encode(pixels).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        latents = posterior.mean + posterior.std * noise
+        recon = self.vae.decode(latents).sample.float()
+        mse = F.mse_loss(recon, pixels)
+        loss = mse + 0.1 * F.l1_loss(recon, pixels) + self.kl_weight * posterior.kl().mean()
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # signal range [-1, 1] spans 2
+        return loss, {"psnr": psnr}
+
+    @torch.no_grad()
+    def sample(self, step, out_dir):
+        pixels = to_model_range(_stream_batch(self.config, 8, 10**6, 0, 123)[0])
+        recon = self.vae(pixels).sample
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"vae_{step:07d}.png"
+        grid(list(to_uint8(pixels)) + list(to_uint8(recon)), columns=8).save(path)
+        return path
+
+    def save(self, out_dir):
+        # SD scales latents to unit variance before diffusion; measure this VAE's scale.
+        with torch.no_grad():
+            pixels = to_model_range(_stream_batch(self.config, 256, 10**6, 1, 321)[0])
+            std = self.vae.encode(pixels).latent_dist.mean.float().std().item()
+        self.vae.register_to_config(scaling_factor=1.0 / std)
+        self.vae.save_pretrained(str(out_dir / "vae"), safe_serialization=True)
+
+
+class UnetStage:
+    """Text-conditioned latent diffusion training of the tiny UNet (frozen CLIP text tower and VAE)."""
+
+    def __init__(self, config: ToyBaseConfig, tokenizer, clip, vae):
+        from diffusers import DDPMScheduler
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.clip = clip
+        self.text_encoder = arch.text_encoder_from_clip(clip).eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.unet = arch.build_unet(seed=config.unet.loop.seed)
+        self.noise_scheduler = DDPMScheduler(**arch.SCHEDULER_CONFIG, clip_sample=False)
+        alphas = self.noise_scheduler.alphas_cumprod
+        self.snr = alphas / (1 - alphas)
+
+    def trainable_modules(self):
+        return {"unet": self.unet}
+
+    def trainable_parameters(self):
+        return list(self.unet.parameters())
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def batch(self, step, micro, seed):
+        images, captions = _stream_batch(self.config, self.config.unet.batch_size, step, micro, seed)
+        drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(seed + step * 17 + micro))
+        captions = [
+            "" if d < self.config.caption_dropout else c for d, c in zip(drop.tolist(), captions, strict=True)
+        ]
+        latents = self.vae.encode(to_model_range(images)).latent_dist.mean * self.vae.config.scaling_factor
+        return latents.float(), self.encode_prompts(captions).float()
+
+    def loss(self, batch, generator):
+        latents, text = batch
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.config.noise_offset:
+            noise = noise + self.config.noise_offset * torch.randn(
+                (n, latents.shape[1], 1, 1), generator=generator
+            )
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = self.unet(noisy, timesteps, text).sample.float()
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        snr = self.snr[timesteps]
+        weight = torch.clamp(snr, max=self.config.min_snr_gamma) / snr
+        return (per_sample * weight).mean(), {}
+
+    def pipeline(self):
+        return arch.assemble_pipeline(self.tokenizer, self.clip, self.vae, self.unet)
+
+    @torch.no_grad()
+    def sample(self, step, out_dir):
+        pipe = self.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt in enumerate(SAMPLE_PROMPTS):
+            gen = [torch.Generator().manual_seed(i * 10 + k) for k in range(4)]
+            out = pipe(
+                prompt,
+                num_inference_steps=20,
+                guidance_scale=5.0,
+                generator=gen,
+                num_images_per_prompt=4,
+                output_type="np",
+            ).images
+            images.extend((out * 255).round().astype("uint8"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"unet_{step:07d}.png"
+        grid(images, columns=8).save(path)
+        self.unet.train()
+        return path
+
+    def save(self, out_dir):
+        arch.save_model_folder(self.pipeline(), self.clip, out_dir / "model")
+
+
+def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run the configured stages; returns the folder of the finished diffusers model.
+
+    Example:
+        >>> train_base(ToyBaseConfig(out_dir="runs/tiny"))  # about 2 h on a 2-core CPU
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTokenizer
+
+    out = Path(config.out_dir)
+    token_dir = out / "tokenizer"
+    tokenizer = (
+        CLIPTokenizer.from_pretrained(str(token_dir))
+        if (token_dir / "tokenizer.json").is_file()
+        else build_tokenizer(arch.tokenizer_words(), token_dir)
+    )
+    resolved = asdict(config)
+    for stage in config.stages:
+        stage_dir = out / stage
+        if resume and (stage_dir / STAGE_RESULT[stage]).is_dir():
+            print(f"stage {stage}: finished earlier, result in {stage_dir / STAGE_RESULT[stage]}")
+            continue
+        stage_resume = resume and latest_checkpoint(stage_dir) is not None
+        if stage == "clip":
+            method = ClipStage(config, tokenizer)
+        elif stage == "vae":
+            method = VaeStage(config)
+        else:
+            for needed in ("clip", "vae"):
+                if not (out / needed / needed).is_dir():
+                    raise TrainingError(
+                        f"the unet stage needs the {needed} stage's result in {out / needed}; "
+                        f"run with --stages {needed} first."
+                    )
+            clip = CLIPModel.from_pretrained(str(out / "clip" / "clip"))
+            vae = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
+            method = UnetStage(config, tokenizer, clip, vae)
+        stage_config = getattr(config, stage)
+        logs = run_training(
+            method,
+            stage_config.loop,
+            stage_dir,
+            resume=stage_resume,
+            resolved_config=resolved,
+            progress=progress,
+        )
+        print(f"stage {stage} done: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+    return out / "unet" / "model"
