@@ -82,6 +82,111 @@ def cmd_train_base(args) -> None:
     print(f"model written to {folder}")
 
 
+def cmd_export_base(args) -> None:
+    from pimg.toyworld.architecture import export_model
+
+    print(f"exported to {export_model(args.model, args.to)}")
+
+
+def _set_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: write KEY=VALUE, e.g. --set loop.warmup_steps=50")
+    return key.strip(), value.strip()
+
+
+def cmd_train(args) -> None:
+    from pimg.trainers.personalize import load_train_config, train
+
+    # Flags whose dest starts with "cfg." are config keys; --set covers every other key.
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg.")} | dict(args.set or [])
+    config = load_train_config(args.method, args.config, overrides)
+    print(f"{args.method} result written to {train(args.method, config, resume=args.resume)}")
+
+
+def _add_train_parser(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--base",
+        dest="cfg.base",
+        metavar="BASE",
+        help="built-in name (tiny), diffusers folder, file or hub id",
+    )
+    common.add_argument(
+        "--photos",
+        dest="cfg.photos",
+        metavar="DIR",
+        help="folder of the subject's photos (+ optional .txt captions)",
+    )
+    common.add_argument(
+        "--token",
+        dest="cfg.token",
+        metavar="WORD",
+        help="word bound to the subject (ti/pivotal: a new one, '<sks>')",
+    )
+    common.add_argument(
+        "--class-noun", dest="cfg.class_noun", metavar="WORD", help="what the subject is, e.g. dog"
+    )
+    common.add_argument("--config", default=None, help="YAML preset from configs/ (a diff from the defaults)")
+    common.add_argument("--steps", dest="cfg.loop.steps", metavar="N", type=int, help="optimizer steps")
+    common.add_argument("--lr", dest="cfg.loop.learning_rate", metavar="LR", type=float, help="learning rate")
+    common.add_argument("--batch-size", dest="cfg.batch_size", metavar="N", type=int)
+    common.add_argument(
+        "--resolution",
+        dest="cfg.resolution",
+        metavar="PX",
+        type=int,
+        help="training size (default: the base's)",
+    )
+    common.add_argument("--mixed-precision", dest="cfg.loop.mixed_precision", choices=("no", "bf16", "fp16"))
+    common.add_argument("--seed", dest="cfg.loop.seed", metavar="N", type=int)
+    common.add_argument("--out", dest="cfg.out_dir", metavar="DIR", help="output folder")
+    common.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    common.add_argument(
+        "--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="any config key, repeatable"
+    )
+    text = dict(
+        dest="cfg.train_text_encoder", action="store_true", default=None, help="also train the text encoder"
+    )
+
+    train = sub.add_parser("train", help="learn a subject from photos: dreambooth, lora or ti")
+    methods = train.add_subparsers(dest="method", required=True)
+    db = methods.add_parser("dreambooth", parents=[common], help="fine-tune the UNet (prior preservation on)")
+    db.add_argument("--no-prior", dest="cfg.prior_preservation", action="store_false", default=None)
+    db.add_argument("--train-text-encoder", **text)
+    lo = methods.add_parser("lora", parents=[common], help="LoRA adapters (optionally with pivotal tuning)")
+    lo.add_argument("--rank", dest="cfg.rank", metavar="R", type=int)
+    lo.add_argument(
+        "--pivotal", dest="cfg.pivotal", action="store_true", default=None, help="also learn the token"
+    )
+    lo.add_argument("--train-text-encoder", **text)
+    ti = methods.add_parser("ti", parents=[common], help="textual inversion: a new token only")
+    ti.add_argument("--vectors", dest="cfg.n_vectors", metavar="N", type=int, help="vectors of the new token")
+    ti.add_argument(
+        "--init-word",
+        dest="cfg.init_word",
+        metavar="WORD",
+        help="word the token starts from (default: class noun)",
+    )
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_eval_toysubject(args) -> None:
+    from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, evaluate_subjects
+
+    fields = dict(
+        method=args.method,
+        base=args.base,
+        subjects=args.subjects,
+        steps=args.steps,
+        images_per_background=args.images,
+        out_dir=args.out,
+        method_config=args.config,
+    )
+    config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
+    evaluate_subjects(config, overrides=dict(args.set or []))
+
+
 def cmd_eval_toybase(args) -> None:
     from pimg.toyworld.evaluate import ToyBaseEvalConfig, evaluate_base
 
@@ -94,6 +199,172 @@ def cmd_eval_toybase(args) -> None:
         out_dir=args.out,
     )
     evaluate_base(config)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _int_csv(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _csv(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2") from exc
+
+
+def _from_args(cls, args, **overrides):
+    """A config dataclass from the parsed flags whose names match its fields."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**(values | overrides))
+
+
+def _metric_device(choice: str) -> str:
+    from pimg.models import pick_device
+
+    device, _, reason = pick_device(choice)
+    print(f"pimg: {reason.split(' with ')[0]}; metrics are computed in float32")
+    return device
+
+
+def cmd_eval_dreambench(args) -> None:
+    from pimg.metrics.evaluate import DreamBenchConfig, evaluate_dreambench
+
+    evaluate_dreambench(_from_args(DreamBenchConfig, args, device=_metric_device(args.device)))
+
+
+def cmd_eval_real_vs_real(args) -> None:
+    from pimg.metrics.real_vs_real import run_real_vs_real
+
+    run_real_vs_real(
+        args.dataset,
+        args.metric,
+        args.backend,
+        args.model,
+        pretrained=args.pretrained,
+        device=_metric_device(args.device),
+        batch_size=args.batch_size,
+        out=args.out,
+    )
+
+
+def cmd_eval_faces(args) -> None:
+    from pimg.metrics.real_vs_real import run_face_verification
+
+    run_face_verification(args.dataset, args.backend, args.model, out=args.out)
+
+
+def cmd_bench_generate(args) -> None:
+    from pimg.metrics.bench import BenchGenerateConfig, generate_bench
+
+    generate_bench(_from_args(BenchGenerateConfig, args))
+
+
+def _add_metric_parsers(ev_sub) -> None:
+    """`pimg eval dreambench | real-vs-real | faces`."""
+    db = ev_sub.add_parser("dreambench", help="DINO, CLIP-I, CLIP-T (and face ID) by the DreamBench protocol")
+    db.add_argument(
+        "--dataset", required=True, help="DreamBench-layout folder (photos + prompts_and_classes.txt)"
+    )
+    db.add_argument(
+        "--generated", required=True, help="folder of {subject}/{prompt:02d}_{k}.png, or manifest.jsonl"
+    )
+    db.add_argument("--out", required=True, help="folder for report.json/.md, CSVs and per_subject.png")
+    db.add_argument(
+        "--metrics",
+        type=_csv,
+        default=("dino", "clip-i", "clip-t", "face-id"),
+        help="comma-separated (default dino,clip-i,clip-t,face-id; face-id scores face-class subjects only)",
+    )
+    db.add_argument("--subjects", type=_csv, default=(), help="comma-separated subset (default: all)")
+    db.add_argument("--images-per-prompt", type=int, default=4)
+    db.add_argument("--token", default="sks", help="identifier of subjects whose dataset line names none")
+    token = db.add_mutually_exclusive_group()
+    token.add_argument(
+        "--strip-token",
+        dest="clip_t_token",
+        action="store_const",
+        const="strip",
+        help="CLIP-T prompt without the identifier token (default)",
+    )
+    token.add_argument(
+        "--keep-token",
+        dest="clip_t_token",
+        action="store_const",
+        const="keep",
+        help="CLIP-T prompt with the identifier token",
+    )
+    db.add_argument(
+        "--clip-backend", default="open_clip", help="open_clip, transformers, toy, or a local model path"
+    )
+    db.add_argument(
+        "--clip-model", default=None, help="e.g. ViT-B-32, openai/clip-vit-base-patch32, tiny, a folder"
+    )
+    db.add_argument(
+        "--clip-pretrained", default=None, help="open_clip tag or local checkpoint (default openai)"
+    )
+    db.add_argument("--dino-backend", default="transformers")
+    db.add_argument(
+        "--dino-model", default=None, help="hub id or local folder (default facebook/dino-vits16)"
+    )
+    db.add_argument(
+        "--face-backend", default="auto", help="auto (insightface if installed, else dlib), insightface, dlib"
+    )
+    db.add_argument(
+        "--face-model", default=None, help="insightface pack name/folder, or a folder of dlib .dat files"
+    )
+    db.add_argument("--batch-size", type=int, default=32)
+    db.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    db.set_defaults(func=cmd_eval_dreambench, clip_t_token="strip")
+
+    rr = ev_sub.add_parser("real-vs-real", help="same-subject vs different-subject similarity of real photos")
+    rr.add_argument("--dataset", required=True, help="folder of subject folders (e.g. DreamBench, faces)")
+    rr.add_argument("--metric", default="clip-i", help="clip-i, dino, face-id or toy-fidelity")
+    rr.add_argument(
+        "--backend", default=None, help="backend name or local model path (default: the metric's)"
+    )
+    rr.add_argument("--model", default=None)
+    rr.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint")
+    rr.add_argument("--batch-size", type=int, default=32)
+    rr.add_argument("--device", default="auto")
+    rr.add_argument("--out", default=None, help="JSON file for the full report")
+    rr.set_defaults(func=cmd_eval_real_vs_real)
+
+    fa = ev_sub.add_parser("faces", help="same-person vs different-person face verification on real photos")
+    fa.add_argument("--dataset", required=True, help="photos by person (identities.csv or one folder each)")
+    fa.add_argument("--backend", default="dlib", help="dlib or insightface")
+    fa.add_argument("--model", default=None, help="folder of dlib .dat files, or insightface pack")
+    fa.add_argument("--out", default=None, help="JSON file for the full report")
+    fa.set_defaults(func=cmd_eval_faces)
+
+
+def _add_bench_parser(sub) -> None:
+    """`pimg bench generate`."""
+    bench = sub.add_parser("bench", help="benchmark image sets")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bg = bench_sub.add_parser(
+        "generate", help="the DreamBench set (subjects x 25 prompts x 4) for trained subjects"
+    )
+    bg.add_argument("--dataset", required=True, help="DreamBench-layout folder")
+    bg.add_argument(
+        "--subject-weights", required=True, help="folder of {subject}/ with a LoRA and/or embedding"
+    )
+    bg.add_argument("--out", required=True)
+    bg.add_argument("--base", default="tiny")
+    bg.add_argument(
+        "--subjects", type=_csv, default=(), help="comma-separated subset (default: all with weights)"
+    )
+    bg.add_argument("--prompts", type=_int_csv, default=(), help="prompt indices, e.g. 0,1 (default: all 25)")
+    bg.add_argument("--images-per-prompt", type=int, default=4)
+    bg.add_argument("--token", default="sks")
+    bg.add_argument("--lora-scale", type=float, default=1.0)
+    bg.add_argument("--steps", dest="num_inference_steps", type=int, default=25)
+    bg.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
+    bg.add_argument("--negative-prompt", default=None)
+    bg.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
+    bg.add_argument("--device", default="auto")
+    bg.set_defaults(func=cmd_bench_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=cmd_generate)
 
+    _add_train_parser(sub)
+
     m = sub.add_parser("models", help="list built-in models and where their files are")
     m.set_defaults(func=cmd_models)
     e = sub.add_parser("env", help="print versions for bug reports")
@@ -141,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--unet-steps", type=int, default=None)
     tb.add_argument("--resume", action="store_true", help="continue from the newest checkpoints")
     tb.set_defaults(func=cmd_train_base)
+    ex = toy_sub.add_parser("export", help="re-save a trained model folder in fp16 (as `tiny` ships)")
+    ex.add_argument("--model", required=True, help="e.g. runs/tiny/unet/model")
+    ex.add_argument("--to", required=True, help="e.g. pimg/assets/tiny")
+    ex.set_defaults(func=cmd_export_base)
 
     ev = sub.add_parser("eval", help="evaluation commands that print figures")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -152,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     etb.add_argument("--guidance", type=float, default=5.0)
     etb.add_argument("--out", default="out/eval-toybase")
     etb.set_defaults(func=cmd_eval_toybase)
+    ets = ev_sub.add_parser(
+        "toysubject", help="train on toy-world subjects; print fidelity, backgrounds, drift"
+    )
+    ets.add_argument(
+        "--method", required=True, choices=("lora", "pivotal", "ti", "dreambooth", "dreambooth-noprior")
+    )
+    ets.add_argument("--base", default=None, help="default: tiny")
+    ets.add_argument("--subjects", type=int, default=None, help="evaluation subjects to train on (default 5)")
+    ets.add_argument("--steps", type=int, default=None, help="training steps (default: the method preset's)")
+    ets.add_argument("--images", type=int, default=None, help="images per background (default 4)")
+    ets.add_argument("--config", default=None, help="method YAML (default: configs/<method>_tiny.yaml)")
+    ets.add_argument("--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="method config key")
+    ets.add_argument("--out", default=None, help="default: out/eval-toysubject-<method>")
+    ets.set_defaults(func=cmd_eval_toysubject)
+    _add_metric_parsers(ev_sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -33,3 +33,22 @@ def shared_dir() -> Path:
             f"{SHARED} is absent: these tests need the project's shared data folder beside the checkout"
         )
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def random_dino_dir(tmp_path_factory) -> Path:
+    """A randomly initialised DINO-layout ViT (224 px, patch 16, narrow) saved with `save_pretrained`."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=96,
+    )
+    folder = tmp_path_factory.mktemp("random_dino")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder

@@ -90,8 +90,12 @@ class TrainingMethod(Protocol):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Modules with trainable parameters, by name (checkpointed and optimized)."""
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters to optimize (a subset of `trainable_modules`' parameters)."""
+    def trainable_parameters(self) -> list[torch.nn.Parameter] | list[dict]:
+        """The parameters to optimize (a subset of `trainable_modules`' parameters).
+
+        Parts that need their own learning rate come as torch parameter groups instead:
+        `[{"params": [...]}, {"params": [...], "lr": 5e-3}]`; the LR schedule scales every group alike.
+        """
 
     def batch(self, step: int, micro: int, seed: int) -> Any:
         """The batch of micro-batch `micro` of optimizer step `step`, a pure function of its arguments."""
@@ -126,7 +130,18 @@ def _lr_lambda(config: LoopConfig):
     return factor
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
+def _param_groups(given: list) -> tuple[list[dict], list[torch.nn.Parameter]]:
+    """Parameters or parameter groups -> (groups for the optimizer, all parameters in one flat list)."""
+    if not any(isinstance(g, dict) for g in given):
+        groups = [{"params": list(given)}]  # one group, as the optimizer would make (old checkpoints load)
+    else:
+        groups = [
+            dict(g, params=list(g["params"])) if isinstance(g, dict) else {"params": [g]} for g in given
+        ]
+    return groups, [p for g in groups for p in g["params"]]
+
+
+def _make_optimizer(params: list[dict], config: LoopConfig) -> torch.optim.Optimizer:
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -173,6 +188,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
+def _trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a module: its trainable parameters and persistent buffers.
+
+    A LoRA or Textual Inversion run trains a few thousand weights inside a frozen model of millions;
+    the frozen weights are re-read from the base on resume, so they are not copied into every checkpoint.
+    """
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k not in frozen}
+
+
 def _save_checkpoint(out_dir: Path, step: int, modules, optimizer, scheduler, ema, keep: int) -> None:
     """Write the checkpoint to a temporary folder, then rename: a kill mid-write leaves the old one intact."""
     root = _checkpoint_dir(out_dir)
@@ -181,8 +206,7 @@ def _save_checkpoint(out_dir: Path, step: int, modules, optimizer, scheduler, em
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in modules.items():
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(tmp / f"{name}.safetensors"))
+        save_file(_trained_state(module), str(tmp / f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if ema is not None:
@@ -196,7 +220,14 @@ def _save_checkpoint(out_dir: Path, step: int, modules, optimizer, scheduler, em
 
 def _load_checkpoint(path: Path, modules, optimizer, scheduler, ema) -> int:
     for name, module in modules.items():
-        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        state = load_file(str(path / f"{name}.safetensors"))
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        lacking = sorted(set(missing) & set(_trained_state(module)))
+        if lacking or unexpected:
+            raise TrainingError(
+                f"checkpoint {path} does not fit the {name!r} being trained (missing {lacking[:3]}, unexpected "
+                f"{unexpected[:3]}); was it written with another configuration? Start without --resume."
+            )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if ema is not None:
@@ -241,12 +272,14 @@ def run_training(
     modules = method.trainable_modules()
     if config.gradient_checkpointing:
         for module in modules.values():
-            if getattr(module, "supports_gradient_checkpointing", False):
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
                 module.enable_gradient_checkpointing()
-    params = method.trainable_parameters()
+            elif getattr(module, "supports_gradient_checkpointing", False):  # transformers
+                module.gradient_checkpointing_enable()
+    groups, params = _param_groups(method.trainable_parameters())
     if not params:
         raise TrainingError("the method has no trainable parameters; check its configuration.")
-    optimizer = _make_optimizer(params, config)
+    optimizer = _make_optimizer(groups, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     ema = EMA(params, config.ema_decay) if config.ema_decay else None
     # The modules stay owned by the method; accelerate wraps them for device placement and DDP.
@@ -272,13 +305,8 @@ def run_training(
             with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
                 loss, logs = method.loss(batch, step_generator(config.seed, step, micro))
                 if not torch.isfinite(loss):
-                    _save_checkpoint(
-                        out, step, modules, optimizer, scheduler, ema, config.keep_checkpoints + 1
-                    )
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step}. A checkpoint of the last good weights "
-                        f"is in {_checkpoint_dir(out)}; lower the learning rate (now {config.learning_rate}) "
-                        "or use mixed_precision='no', then resume."
+                    raise _non_finite_loss(
+                        loss, step, out, modules, params, optimizer, scheduler, ema, config
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -311,6 +339,28 @@ def run_training(
         writer.close()
     logs["wall_time_s"] = time.time() - began
     return logs
+
+
+def _non_finite_loss(loss, step, out, modules, params, optimizer, scheduler, ema, config) -> TrainingError:
+    """Keep what can be resumed and say how to go on.
+
+    Finite weights (the loss overflowed, e.g. in fp16) are checkpointed at this step; weights that are
+    already inf/NaN are not, since resuming them would fail again: the newest earlier checkpoint stays.
+    """
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+    if weights_ok:
+        _save_checkpoint(out, step, modules, optimizer, scheduler, ema, config.keep_checkpoints + 1)
+    kept = latest_checkpoint(out)
+    if kept is None:
+        where = "No checkpoint could be kept: the weights were not finite before the first checkpoint"
+    else:
+        where = f"The newest resumable checkpoint is {kept}"
+        if not weights_ok:
+            where += " (this step's weights were already not finite, so they were not saved)"
+    return TrainingError(
+        f"loss became {loss.item()} at step {step}. {where}. Lower the learning rate (now "
+        f"{config.learning_rate}) or use mixed_precision='no', then resume (or start again)."
+    )
 
 
 def _sample(method: TrainingMethod, step: int, out: Path, ema: EMA | None, writer) -> None:

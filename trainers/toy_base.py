@@ -2,6 +2,8 @@
 
 - clip: a tiny CLIP learns toy captions against toy images contrastively (Radford et al. 2021).
 - vae: an AutoencoderKL learns 64x64 -> 16x16x4 latents (reconstruction + a small KL term).
+- decoder (optional): fine-tunes only the VAE decoder with the encoder frozen, as Stability's
+  ft-MSE VAE did: sharper images, same latent space, so the trained UNet stays valid.
 - unet: a UNet2DConditionModel learns epsilon-prediction (Ho et al. 2020) in the frozen VAE's latent
   space, conditioned on the frozen CLIP text tower's last hidden states, as Stable Diffusion is
   (Rombach et al. 2022). Captions are dropped 10% of the time for classifier-free guidance.
@@ -27,9 +29,9 @@ from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
 from pimg.toyworld.tokenizer import build_tokenizer
 
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "decoder")
 #: Folder each stage writes its finished result to, inside its stage folder.
-STAGE_RESULT = {"clip": "clip", "vae": "vae", "unet": "model"}
+STAGE_RESULT = {"clip": "clip", "vae": "vae", "unet": "model", "decoder": "model"}
 
 #: Prompts drawn in every UNet sample grid; the last three use held-out compositions.
 SAMPLE_PROMPTS = (
@@ -62,12 +64,13 @@ class ToyBaseConfig:
         noise_offset: per-channel constant noise added to the diffusion noise, so flat backgrounds of
             any brightness stay reachable from pure noise (Guttenberg 2023, "offset noise").
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+        sample_steps: denoising steps of the periodic UNet sample grids.
         two_object_prob: share of two-object scenes in training.
         caption_drop_prob: chance that a caption leaves out an object's size or position.
     """
 
     out_dir: str = "runs/tiny"
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = ("clip", "vae", "unet")
     clip: StageConfig = field(
         default_factory=lambda: StageConfig(
             batch_size=128,
@@ -110,6 +113,22 @@ class ToyBaseConfig:
                 checkpoint_every=100,
                 sample_every=500,
                 ema_decay=0.998,
+            ),
+        )
+    )
+    sample_steps: int = 20
+    decoder: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            batch_size=16,
+            loop=LoopConfig(
+                steps=600,
+                learning_rate=2e-4,
+                lr_schedule="cosine",
+                warmup_steps=50,
+                weight_decay=0.0,
+                mixed_precision="bf16",
+                checkpoint_every=100,
+                sample_every=300,
             ),
         )
     )
@@ -229,6 +248,41 @@ class VaeStage:
         self.vae.save_pretrained(str(out_dir / "vae"), safe_serialization=True)
 
 
+class DecoderStage(VaeStage):
+    """Fine-tunes the VAE decoder of a finished model on full images; the encoder stays frozen."""
+
+    def __init__(self, config: ToyBaseConfig, model_dir: Path):
+        from diffusers import StableDiffusionPipeline
+
+        self.config = config
+        self.model_dir = model_dir
+        self.pipeline = StableDiffusionPipeline.from_pretrained(str(model_dir))
+        self.vae = self.pipeline.vae
+        self.vae.encoder.requires_grad_(False)
+        self.vae.quant_conv.requires_grad_(False)
+
+    def trainable_parameters(self):
+        return [p for p in self.vae.parameters() if p.requires_grad]
+
+    def batch(self, step, micro, seed):
+        images, _ = _stream_batch(self.config, self.config.decoder.batch_size, step, micro, seed)
+        return to_model_range(images)
+
+    def loss(self, pixels, generator):
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.mean
+        recon = self.vae.decode(latents).sample.float()
+        mse = F.mse_loss(recon, pixels)
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        return mse + 0.1 * F.l1_loss(recon, pixels), {"psnr": psnr}
+
+    def save(self, out_dir):
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(str(self.model_dir / "clip"))
+        arch.save_model_folder(self.pipeline, clip, out_dir / "model")
+
+
 class UnetStage:
     """Text-conditioned latent diffusion training of the tiny UNet (frozen CLIP text tower and VAE)."""
 
@@ -302,7 +356,7 @@ class UnetStage:
             gen = [torch.Generator().manual_seed(i * 10 + k) for k in range(4)]
             out = pipe(
                 prompt,
-                num_inference_steps=20,
+                num_inference_steps=self.config.sample_steps,
                 guidance_scale=5.0,
                 generator=gen,
                 num_images_per_prompt=4,
@@ -346,6 +400,12 @@ def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = Tru
             method = ClipStage(config, tokenizer)
         elif stage == "vae":
             method = VaeStage(config)
+        elif stage == "decoder":
+            if not (out / "unet" / "model").is_dir():
+                raise TrainingError(
+                    f"the decoder stage fine-tunes a finished model; run the unet stage into {out} first."
+                )
+            method = DecoderStage(config, out / "unet" / "model")
         else:
             for needed in ("clip", "vae"):
                 if not (out / needed / needed).is_dir():
@@ -366,4 +426,4 @@ def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = Tru
             progress=progress,
         )
         print(f"stage {stage} done: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-    return out / "unet" / "model"
+    return out / ("decoder" if "decoder" in config.stages else "unet") / "model"

@@ -160,7 +160,37 @@ def save_model_folder(pipeline, clip, folder: str | Path, *, half: bool = False)
     pipeline.save_pretrained(str(folder), safe_serialization=True)
     clip.save_pretrained(str(folder / "clip"), safe_serialization=True)
     pipeline.tokenizer.save_pretrained(str(folder / "clip"))
+    clip_image_processor().save_pretrained(str(folder / "clip"))
     return folder
+
+
+def clip_image_processor():
+    """The toy CLIP's preprocessing: 64x64 images, scaled to [-1, 1] (mean 0.5, std 0.5), no crop."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": VISION_CONFIG["image_size"]},
+        do_center_crop=True,
+        crop_size={"height": VISION_CONFIG["image_size"], "width": VISION_CONFIG["image_size"]},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def export_model(source: str | Path, destination: str | Path) -> Path:
+    """Re-save a trained tiny model folder in fp16 (how `tiny` ships inside the package).
+
+    Example:
+        >>> export_model("runs/tiny/unet/model", "pimg/assets/tiny")
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    source = Path(source)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, requires_safety_checker=False)
+    clip = CLIPModel.from_pretrained(str(source / "clip"))
+    return save_model_folder(pipeline, clip, destination, half=True)
 
 
 def build_random_pipeline(folder: str | Path, seed: int = 0) -> Path:

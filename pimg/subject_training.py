@@ -1,0 +1,329 @@
+"""The set-up every subject-learning method shares: base model, photos, cached latents, prompts, samples.
+
+A method (DreamBooth, LoRA, Textual Inversion in `pimg.trainers`) subclasses `SubjectTraining`,
+marks what it trains, and adds its loss terms and its save format; everything below is common:
+
+- the base pipeline, loaded on the CPU in float32 and moved to accelerate's device;
+- the user's photos (`pimg.photos`), VAE-encoded once since the VAE is always frozen;
+- instance prompts (`a {token} {class_noun}`, or the photo's sidecar caption), and their text
+  embeddings cached when no text-encoder weight is trained;
+- `batch(step, micro, seed)`: a pure function of its arguments (an epoch-wise permutation of the
+  photos seeded by the epoch), which the loop's exact resume relies on;
+- sample grids and the model card written beside every output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pimg.diffusion_training import (
+    Conditioning,
+    TextConditioner,
+    denoising_loss,
+    encode_latents,
+    fill_prompt,
+    sdxl_time_ids,
+    training_noise_scheduler,
+)
+from pimg.errors import InputError
+from pimg.imaging import grid
+
+
+@dataclass
+class SubjectConfig:
+    """Settings every subject method shares; each method's config subclasses this and adds `loop`.
+
+    Attributes:
+        base: base model (built-in name, diffusers folder, single file or hub id; see `load_base`).
+        photos: folder of the subject's photos (sidecar `.txt` captions optional).
+        token: the word the subject is bound to ("sks"); methods that learn a new token need an
+            unused one such as "<sks>".
+        class_noun: what the subject is ("dog", "star"); used in prompts and class images.
+        prompt_template: instance prompt for photos without a caption; captions may use the same
+            `{token}` and `{class_noun}` placeholders.
+        out_dir: where the result, checkpoints, samples, logs and the model card go.
+        resolution: training size in pixels; None takes the base's native size (tiny 64, SD 1.5 512,
+            SDXL 1024). Photos are resized and centre-cropped to it, never upscaled.
+        batch_size: photos per micro-batch.
+        flip: add horizontally flipped copies of the photos (off: subjects are often not symmetric).
+        noise_offset: offset noise strength (see `denoising_loss`).
+        min_snr_gamma: Min-SNR loss weighting; None turns it off.
+        sample_prompts: prompts of the sample grid (placeholders as in `prompt_template`).
+        sample_images: images per sample prompt.
+        num_inference_steps: denoising steps for samples.
+        guidance_scale: classifier-free guidance for samples; None takes the base's recommendation.
+    """
+
+    base: str = "tiny"
+    photos: str = ""
+    token: str = "sks"
+    class_noun: str = ""
+    prompt_template: str = "a {token} {class_noun}"
+    out_dir: str = "out/train"
+    resolution: int | None = None
+    batch_size: int = 1
+    flip: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    sample_prompts: tuple[str, ...] = ("a {token} {class_noun}",)
+    sample_images: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+
+    def __post_init__(self):
+        if not self.token or any(c.isspace() for c in self.token):
+            raise InputError(f"token must be one word without spaces, e.g. 'sks'; got {self.token!r}.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError(
+                f"resolution must be a multiple of 8 (or None for the base's), got {self.resolution}."
+            )
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.sample_images < 0:
+            raise InputError(f"sample_images must be >= 0, got {self.sample_images}.")
+        if "{token}" not in self.prompt_template:
+            raise InputError(
+                f"prompt_template {self.prompt_template!r} lacks '{{token}}', so nothing binds the subject to the "
+                "token; e.g. 'a {token} {class_noun}'."
+            )
+
+    def check_required(self) -> None:
+        """The fields with no usable default, checked when training starts."""
+        if not self.photos:
+            raise InputError("no photos given: pass --photos DIR (a folder of the subject's photos).")
+        if not self.class_noun.strip():
+            raise InputError("no class noun given: pass --class-noun WORD, what the subject is (e.g. 'dog').")
+
+
+@dataclass
+class SubjectBatch:
+    """One micro-batch: cached latents, their prompts (filled, not yet expanded) and SDXL time ids."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor | None
+
+
+def epoch_indices(
+    n_items: int, batch_size: int, accumulation: int, step: int, micro: int, seed: int
+) -> list[int]:
+    """Indices of one micro-batch: every item once per epoch, in an order seeded by (seed, epoch).
+
+    A pure function of its arguments, so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+    first = (step * accumulation + micro) * batch_size
+    out = []
+    for g in range(first, first + batch_size):
+        epoch, position = divmod(g, n_items)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_items)[position]))
+    return out
+
+
+def recommended_guidance(base: str) -> float:
+    from pimg.models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS[base].guidance_scale if base in BUILTIN_MODELS else 7.5
+
+
+class SubjectTraining:
+    """Base of the subject methods: subclasses set up what they train, then call `finish_setup()`.
+
+    Subclasses provide `trainable_modules`, `trainable_parameters` and `save`, and may extend `loss`.
+    """
+
+    #: Does the method train weights inside the text encoder(s)? If not, prompt embeddings are cached.
+    trains_text = False
+    #: Name of the method in model cards and metadata.
+    method_name = "subject"
+
+    def __init__(
+        self, config: SubjectConfig, *, seed: int, accumulation: int = 1, mixed_precision: str = "no"
+    ):
+        from accelerate import PartialState
+
+        from pimg.models import load_base
+        from pimg.photos import load_photos
+
+        config.check_required()
+        self.config = config
+        self.seed = seed
+        self.accumulation = accumulation
+        self.mixed_precision = mixed_precision
+        self.device = PartialState().device
+        self.pipe = load_base(config.base)
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in self.components().values():
+            module.requires_grad_(False)
+        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
+        self.resolution = config.resolution or self.native_resolution()
+        self.photos = load_photos(config.photos, self.resolution)  # warns about each skipped file
+        self.pipe.vae.to(self.device)
+        images = self.photos.images
+        captions = list(self.photos.captions)
+        time_ids = [
+            sdxl_time_ids(o, c, (self.resolution,) * 2)
+            for o, c in zip(self.photos.original_sizes, self.photos.crop_offsets, strict=True)
+        ]
+        if config.flip:
+            images = np.concatenate([images, images[:, :, ::-1]])
+            captions, time_ids = captions * 2, time_ids * 2
+        self.latents = encode_latents(self.pipe.vae, images)
+        self.instance_prompts = [self.prompt(c or config.prompt_template) for c in captions]
+        self.instance_time_ids = torch.stack(time_ids) if self.sdxl else None
+        self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
+        self.conditioner = TextConditioner.from_pipeline(self.pipe)
+        self._text_cache: dict[str, Conditioning] = {}
+        self.last_sample: Path | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    def text_components(self) -> dict[str, torch.nn.Module]:
+        return {n: m for n, m in self.components().items() if n.startswith("text_encoder")}
+
+    @property
+    def base_location(self) -> str:
+        """Where plain diffusers finds the base: a built-in name's folder, else the name as given."""
+        from pimg.models import describe_base
+
+        kind, location = describe_base(self.config.base)
+        return location if kind == "builtin" else self.config.base
+
+    def native_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    def prompt(self, template: str) -> str:
+        """A prompt template or caption with the token and class noun filled in."""
+        return fill_prompt(template, self.config.token, self.config.class_noun)
+
+    def expand_prompt(self, prompt: str) -> str:
+        """How the text encoder sees a prompt (methods with multi-vector tokens spell them out)."""
+        return prompt
+
+    def finish_setup(self) -> None:
+        """Move everything to the device; on CUDA with mixed precision, frozen weights go to half precision."""
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+        for module in self.components().values():
+            module.to(self.device)
+            if half is not None and self.device.type == "cuda":
+                # As diffusers' training examples: frozen weights in half precision, trained ones in float32.
+                for param in module.parameters():
+                    param.data = param.data.to(torch.float32 if param.requires_grad else half)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def batch(self, step: int, micro: int, seed: int) -> SubjectBatch:
+        idx = epoch_indices(len(self.latents), self.config.batch_size, self.accumulation, step, micro, seed)
+        time_ids = self.instance_time_ids[idx] if self.instance_time_ids is not None else None
+        return SubjectBatch(self.latents[idx], [self.instance_prompts[i] for i in idx], time_ids)
+
+    def conditioning(self, prompts: list[str], time_ids: torch.Tensor | None) -> Conditioning:
+        """Text conditioning of a batch: from the cache when the text encoders are frozen."""
+        if self.trains_text:
+            cond = self.conditioner.encode([self.expand_prompt(p) for p in prompts])
+        else:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+            if missing:
+                with torch.no_grad():
+                    encoded = self.conditioner.encode([self.expand_prompt(p) for p in missing])
+                for i, p in enumerate(missing):
+                    self._text_cache[p] = Conditioning(
+                        encoded.prompt_embeds[i : i + 1].float(),
+                        None if encoded.pooled is None else encoded.pooled[i : i + 1].float(),
+                    )
+            cond = Conditioning.cat([self._text_cache[p] for p in prompts])
+        return cond.with_time_ids(time_ids) if time_ids is not None else cond
+
+    def example_losses(self, latents: torch.Tensor, prompts: list[str], time_ids, generator) -> torch.Tensor:
+        """Per-example denoising loss of latents under their prompts."""
+        cond = self.conditioning(prompts, time_ids).to(self.device)
+        return denoising_loss(
+            self.pipe.unet,
+            self.noise_scheduler,
+            latents.to(self.device),
+            cond,
+            generator,
+            noise_offset=self.config.noise_offset,
+            min_snr_gamma=self.config.min_snr_gamma,
+        )
+
+    def loss(self, batch: SubjectBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.example_losses(batch.latents, batch.prompts, batch.time_ids, generator).mean(), {}
+
+    # ------------------------------------------------------------------------------------------ output
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, seed: int = 0) -> list[np.ndarray]:
+        """n uint8 images per prompt from the current weights (image k of a prompt uses seed + k)."""
+        guidance = self.config.guidance_scale
+        guidance = recommended_guidance(self.config.base) if guidance is None else guidance
+        images = []
+        for prompt in prompts:
+            generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+            out = self.pipe(
+                prompt,
+                num_images_per_prompt=n,
+                num_inference_steps=self.config.num_inference_steps,
+                guidance_scale=guidance,
+                generator=generators,
+                height=self.resolution,
+                width=self.resolution,
+                output_type="np",
+            ).images
+            images.extend((out * 255).round().astype(np.uint8))
+        return images
+
+    def sample(self, step: int, out_dir: Path) -> Path | None:
+        if not self.config.sample_images or not self.config.sample_prompts:
+            return None
+        prompts = [self.prompt(p) for p in self.config.sample_prompts]
+        images = self.generate(prompts, self.config.sample_images)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_sample = out_dir / f"sample_{step:07d}.png"
+        grid(images, columns=self.config.sample_images).save(self.last_sample)
+        return self.last_sample
+
+    def write_model_card(self, out_dir: Path, steps: int, files: list[str], usage: str) -> Path:
+        """README.md with base, token, class, steps, the sample grid, the files and how to load them."""
+        c = self.config
+        sample = f"![samples]({self.last_sample.relative_to(out_dir)})\n\n" if self.last_sample else ""
+        prompts = ", ".join(f"`{self.prompt(p)}`" for p in c.sample_prompts)
+        lines = [
+            f"# {self.method_name}: `{c.token}` {c.class_noun}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| method | {self.method_name} |",
+            f"| base | `{c.base}` |",
+            f"| token | `{c.token}` |",
+            f"| class noun | `{c.class_noun}` |",
+            f"| training steps | {steps} |",
+            f"| photos | {len(self.photos)} at {self.resolution} px |",
+            f"| files | {', '.join(f'`{f}`' for f in files)} |",
+            "",
+            f"Sample grid ({prompts}; {c.sample_images} seeds each):",
+            "",
+            sample + "## Use",
+            "",
+            "```python",
+            usage.strip(),
+            "```",
+            "",
+            "The full resolved training configuration is in `config.json`.",
+        ]
+        path = out_dir / "README.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def config_record(config) -> dict:
+    """A config dataclass as JSON-ready data (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config), default=str))

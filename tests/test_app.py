@@ -1,0 +1,418 @@
+"""The web demo: builds without models, rejects bad uploads readably, keeps sessions apart, works in a browser.
+
+The browser test drives the real page in headless Chromium through Playwright; it skips (saying
+what to install) where either is missing. CI needs the Debian package `chromium`; Playwright comes
+with the `test` extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pimg.demo import BASE_CHOICE, DemoBackend, strip_tokens
+from pimg.errors import InputError, ModelLoadError
+from pimg.subject_store import (
+    SavedSubject,
+    SessionSpace,
+    SubjectStore,
+    check_prompt_tokens,
+    new_session_id,
+    subject_parts,
+)
+from pimg.toyworld.subjects import EVAL_SUBJECTS
+from pimg.uploads import UploadLimits, check_uploads, copy_uploads, image_problem
+
+pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[app]'")
+
+REPO = Path(__file__).resolve().parents[1]
+# Fewer sample and class-image denoising steps keep the trainings in these tests short.
+FAST = {
+    "lora": {"num_inference_steps": 4},
+    "ti": {"num_inference_steps": 4},
+    "dreambooth": {"num_inference_steps": 4, "num_class_images": 4},
+}
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _load_app():
+    spec = importlib.util.spec_from_file_location("app", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+app = _load_app()
+
+
+def toy_uploads(folder: Path, subject: str, n: int = 4, seed: int = 0) -> list[str]:
+    """A toy-world subject's photos written as PNG files, as a browser would upload them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(EVAL_SUBJECTS[subject].photos(n, seed)):
+        path = folder / f"{subject}_{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def test_import_loads_nothing_heavy():
+    code = "import sys; sys.path.insert(0, '.'); import app; print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_build_demo_loads_no_model(tmp_path):
+    demo = app.build_demo(base="tiny", output_dir=tmp_path, device="cpu")
+    assert demo.backend._pipelines == {} and demo.backend._metrics is None
+    import gradio as gr
+
+    tabs = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+    assert tabs == ["Personalize", "Generate", "Evaluate"]  # no Compose until the library has one
+    assert not list(tmp_path.iterdir())  # nothing written either
+
+
+def test_main_options():
+    args = app.parse_args(["--auth", "me:secret", "--port", "7861"])
+    assert (args.base, args.host, args.share, args.auth, args.port) == (
+        "tiny",
+        "127.0.0.1",
+        False,
+        ("me", "secret"),
+        7861,
+    )
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "nopassword"])
+
+
+def test_server_serves_nothing_outside_its_output_folder(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    out = tmp_path / "out"
+    demo = app.build_demo(base="tiny", output_dir=out, device="cpu")
+    url = app.serve(demo, block=False)
+    inside = out / "sessions" / "x.png"
+    inside.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(inside)
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert status(inside) == 200
+        assert status(REPO / "app.py") == 403
+        assert status(Path("/etc/passwd")) == 403
+        assert status(out / "sessions" / ".." / ".." / "elsewhere.txt") in (403, 404)
+    finally:
+        demo.close()
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+@pytest.fixture
+def good_png(tmp_path) -> Path:
+    path = tmp_path / "good.png"
+    Image.fromarray(EVAL_SUBJECTS["ringed_star_rgb"].photos(1, 0)[0]).save(path)
+    return path
+
+
+def test_text_file_named_png_is_rejected_by_name(tmp_path, good_png):
+    fake = tmp_path / "notes.png"
+    fake.write_text("shopping list: eggs, milk\n")
+    with pytest.raises(InputError) as err:
+        check_uploads([good_png, fake])
+    message = str(err.value)
+    assert "1 of 2 uploaded file(s) cannot be used" in message
+    assert "notes.png: the file is a text file, not an image" in message
+    assert "good.png" not in message
+
+
+def test_empty_file_is_rejected(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.touch()
+    assert image_problem(empty) == "the file is empty (0 bytes); copy the photo again and re-upload it"
+
+
+def test_50_megabyte_image_is_rejected_before_decoding(tmp_path):
+    big = tmp_path / "scan.bmp"
+    Image.new("RGB", (4200, 4200), "white").save(big)  # an uncompressed 50 MB image
+    assert big.stat().st_size > 50 * 10**6
+    with pytest.raises(
+        InputError, match=r"scan\.bmp: the file is 50\.\d MB, over the 20\.0 MB limit per photo"
+    ):
+        check_uploads([big])
+
+
+def test_other_bad_uploads(tmp_path, good_png):
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good_png.read_bytes()[:100])
+    pdf = tmp_path / "doc.png"
+    pdf.write_bytes(b"%PDF-1.7 rest of a document")
+    assert "truncated or damaged" in image_problem(truncated)
+    assert "a PDF document" in image_problem(pdf)
+    assert "only photos can be uploaded" in image_problem(tmp_path / "script.py")
+    assert "smaller than the training size 128 px" in image_problem(good_png, UploadLimits(min_side=128))
+    assert "megapixel limit" in image_problem(good_png, UploadLimits(max_pixels=100))
+    with pytest.raises(InputError, match="0 photo.s. uploaded; upload at least 1"):
+        check_uploads(None)
+    with pytest.raises(InputError, match="11 photos uploaded, more than the 10 allowed"):
+        check_uploads([good_png] * 11)
+
+
+def test_copied_uploads_get_our_names(tmp_path, good_png):
+    copied = copy_uploads(check_uploads([good_png]), tmp_path / "photos")
+    assert [p.name for p in copied] == ["photo_00.png"]
+    assert copied[0].read_bytes() == good_png.read_bytes()
+
+
+def test_bad_upload_becomes_a_page_message(tmp_path):
+    import gradio as gr
+
+    fake = tmp_path / "cat.png"
+    fake.write_text("not a cat")
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu")
+    train = app.handle_errors(backend.personalize)
+    with pytest.raises(gr.Error, match="cat.png: the file is a text file"):
+        list(train(backend.new_session(), [str(fake)], "LoRA", "sks", "cat", 10))
+    assert backend._pipelines == {}  # rejected before any model was touched
+
+
+def test_error_decorator():
+    import gradio as gr
+
+    @app.handle_errors
+    def fails(exc):
+        raise exc
+
+    with pytest.raises(gr.Error, match="no such base"):
+        fails(ModelLoadError("no such base"))
+    with pytest.raises(gr.Error, match="Out of memory"):
+        fails(MemoryError())
+    with pytest.raises(gr.Error, match="Generate fewer images"):
+        fails(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        fails(KeyError("x"))
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+def test_store_keeps_names_and_paths_inside(tmp_path):
+    store = SubjectStore(tmp_path)
+    for bad in ("../escape", "a/b", "", ".hidden", "x" * 49):
+        with pytest.raises(InputError, match="cannot be used"):
+            store.create(bad)
+    store.create("star")
+    with pytest.raises(InputError, match="already exists"):
+        store.create("star")
+    with pytest.raises(InputError, match="outside"):
+        store.save(SavedSubject("star", "lora", "sks", "star", "tiny", "../../etc/passwd"))
+    with pytest.raises(InputError, match="no saved subject named 'moon'"):
+        store.load("moon")
+    with pytest.raises(InputError, match="session id"):
+        SessionSpace(tmp_path, "../../other")
+    space = SessionSpace(tmp_path, new_session_id())
+    with pytest.raises(InputError, match="outside"):
+        space.owns(tmp_path / "elsewhere.png")
+
+
+def test_subject_parts_refuse_ambiguous_choices(tmp_path):
+    store = SubjectStore(tmp_path)
+    a = SavedSubject("a", "ti", "<sks>", "star", "tiny", "w.safetensors")
+    b = SavedSubject("b", "ti", "<sks>", "dog", "tiny", "w.safetensors")
+    db1 = SavedSubject("db1", "dreambooth", "sks", "star", "tiny", "train")
+    db2 = SavedSubject("db2", "dreambooth", "zwx", "dog", "tiny", "train")
+    with pytest.raises(InputError, match="both answer to the token '<sks>'"):
+        subject_parts([(a, 1.0), (b, 1.0)], store)
+    with pytest.raises(InputError, match="only one can be the base"):
+        subject_parts([(db1, 1.0), (db2, 1.0)], store)
+    with pytest.raises(InputError, match="has no scale"):
+        subject_parts([(db1, 0.5)], store)
+    with pytest.raises(InputError, match="between 0 and 2"):
+        subject_parts([(a, 3.0)], store)
+    with pytest.raises(InputError, match="the learned word '<sks>', which the prompt does not contain"):
+        check_prompt_tokens("a star on grass", [a])
+    with pytest.raises(
+        InputError, match=r"uses <cat>, which none of the chosen subjects defines \(their tokens: <sks>\)"
+    ):
+        check_prompt_tokens("a <sks>, and a <cat>", [a])
+    check_prompt_tokens("a <sks>, on grass", [a])
+    check_prompt_tokens("a star", [db1])  # a DreamBooth or LoRA subject also works without its token
+    assert strip_tokens("a <sks> star next to a sks dog", ["<sks>", "sks"]) == "a star next to a dog"
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+
+def test_two_sessions_train_at_once_and_keep_their_own_subjects(tmp_path, random_tiny_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    backend = DemoBackend(str(random_tiny_dir), tmp_path / "out", "cpu", FAST)
+    jobs = {
+        "ringed_star_rgb": ("sks", "star", backend.new_session()),
+        "banded_circle_poy": ("zwx", "circle", backend.new_session()),
+    }
+    uploads = {name: toy_uploads(tmp_path / "up" / name, name, n=3) for name in jobs}
+    results, errors = {}, []
+
+    def run(name):
+        token, noun, session = jobs[name]
+        try:
+            results[name] = list(backend.personalize(session, uploads[name], "LoRA", token, noun, 2))[
+                -1
+            ].subject
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    weights = {}
+    for name, (token, noun, session) in jobs.items():
+        space = backend.space(session)
+        subject = results[name]
+        assert space.store.names() == [subject.name]  # each session sees only its own subject
+        assert (subject.token, subject.class_noun) == (token, noun)
+        photos = space.store.photo_paths(subject)
+        assert [p.read_bytes() for p in photos] == [Path(u).read_bytes() for u in uploads[name]]
+        weights[name] = load_file(str(space.store.path(subject, subject.weights)))
+        generated = backend.generate(
+            session,
+            BASE_CHOICE,
+            [(subject.name, 1.0)],
+            f"a {token} {noun}",
+            num_inference_steps=2,
+            num_images=1,
+        )
+        assert [Path(p).parent.parent.parent for p in generated.images] == [space.folder]
+        assert generated.settings[0]["parts"][0]["path"].startswith(str(space.folder))
+    a, b = weights.values()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    (token_a, _, session_a), (_, _, session_b) = jobs.values()
+    with pytest.raises(InputError, match="no saved subject named"):
+        backend.generate(
+            session_b, BASE_CHOICE, [(results["ringed_star_rgb"].name, 1.0)], f"a {token_a} star"
+        )
+
+
+@pytest.mark.parametrize("method, token", [("Textual Inversion", "<sks>"), ("DreamBooth", "sks")])
+def test_other_methods_save_subjects_that_generate(tmp_path, random_tiny_dir, method, token):
+    backend = DemoBackend(str(random_tiny_dir), tmp_path / "out", "cpu", FAST)
+    session = backend.new_session()
+    photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=2)
+    subject = list(backend.personalize(session, photos, method, token, "star", 1, "mine"))[-1].subject
+    assert subject.name == "mine" and backend.space(session).store.load("mine") == subject
+    if subject.method == "dreambooth":  # a whole model: it is chosen as the base
+        generated = backend.generate(session, "mine", [], "a sks star", num_inference_steps=2, num_images=1)
+        assert generated.settings[0]["base"].endswith("subjects/mine/train")
+    else:
+        generated = backend.generate(
+            session, BASE_CHOICE, [("mine", 1.0)], "a <sks> star", num_inference_steps=2, num_images=1
+        )
+        assert generated.settings[0]["parts"][0]["token"] == "<sks>"
+    assert backend.pipeline().parts == {}  # the shared pipeline is left bare for the next person
+    with pytest.raises(InputError, match="already exists"):
+        list(backend.personalize(session, photos, method, token, "star", 1, "mine"))
+
+
+# ------------------------------------------------------------------------------------------ browser
+
+
+def _chromium() -> str:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]'): no browser test")
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.skip("no Chromium browser found (Debian: apt-get install chromium): no browser test")
+    return path
+
+
+def test_browser_end_to_end(tmp_path, random_tiny_dir):
+    """Upload toy photos, train a LoRA, generate with it, see the gallery, evaluate: in headless Chromium."""
+    chromium = _chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    from pimg.models import BUILTIN_MODELS
+
+    # The trained tiny model makes a screenshot worth looking at; the random one tests the same path.
+    base = "tiny" if (BUILTIN_MODELS["tiny"].folder / "model_index.json").is_file() else str(random_tiny_dir)
+    demo = app.build_demo(base=base, output_dir=tmp_path / "out", device="cpu")
+    url = app.serve(demo, port=None, block=False)
+    photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=4)
+    shots = tmp_path / "screens"
+    shots.mkdir()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.locator("#photos input[type=file]").set_input_files(photos)
+            expect(page.locator("#photos")).to_contain_text("ringed_star_rgb_3", timeout=30_000)
+            expect(page.locator("#photos")).not_to_contain_text("Uploading", timeout=30_000)
+            page.locator("#class-noun textarea").fill("star")
+            page.locator("#steps input").fill("4")
+            page.locator("#train").click()
+            expect(page.locator("#train-status")).to_contain_text("Saved subject", timeout=180_000)
+            expect(page.locator("#samples img").first).to_be_visible()
+            page.screenshot(path=shots / "personalize.png", full_page=True)
+
+            page.get_by_role("tab", name="Generate").click()
+            page.locator("#subject-0 input").click()
+            page.get_by_role("option", name="star_lora_1").click()
+            page.locator("#prompt textarea").fill("a sks star on a green background")
+            page.locator("#gen-steps input").fill("10")
+            page.locator("#generate").click()
+            expect(page.locator("#gallery img")).to_have_count(4, timeout=120_000)
+            page.screenshot(path=shots / "generate.png", full_page=True)
+
+            page.get_by_role("tab", name="Evaluate").click()
+            page.locator("#evaluate").click()
+            expect(page.locator("#scores")).to_contain_text("mean", timeout=120_000)
+            expect(page.locator("#scores")).to_contain_text("toy-fidelity")
+            expect(page.locator("#eval-notes")).to_contain_text(
+                "CLIP-T prompt: 'a star on a green background'"
+            )
+            page.wait_for_timeout(500)  # let the plot draw
+            page.screenshot(path=shots / "evaluate.png", full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    # The same run, as the library saw it: one subject, four images, in this session's folder only.
+    (session,) = (tmp_path / "out" / "sessions").iterdir()
+    assert [p.name for p in (session / "subjects").iterdir()] == ["star_lora_1"]
+    assert len(list((session / "images").glob("*/*.png"))) == 4
+    copies = REPO / "out"
+    copies.mkdir(exist_ok=True)
+    for name in ("personalize", "generate", "evaluate"):
+        shutil.copyfile(shots / f"{name}.png", copies / f"app_screenshot_{name}.png")
+    shutil.copyfile(shots / "generate.png", copies / "app_screenshot.png")

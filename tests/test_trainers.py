@@ -1,0 +1,297 @@
+"""Subject trainers on the random tiny model: train -> save -> reload in plain diffusers -> generate.
+
+Also: exact resume after a kill, config errors, NaN handling, new-token isolation, the CLI and a
+smoke run of `pimg eval toysubject`. Every run is a few steps at 64 px, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pimg.trainers.loop import latest_checkpoint, run_training
+from pimg.trainers.personalize import list_methods, load_train_config, train
+
+from pimg.errors import InputError, TrainingError
+from pimg.photos import save_photos
+from pimg.safetensors_io import read_safetensors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Each case: training method, its overrides (fast: 2 steps, 1 two-step sample image).
+CASES = {
+    "lora": ("lora", {}),
+    "pivotal": ("lora", {"pivotal": True, "token": "<sks>", "n_vectors": 2, "train_text_encoder": True}),
+    "ti": ("ti", {"n_vectors": 2}),
+    "dreambooth": ("dreambooth", {"num_class_images": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory) -> Path:
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    subject = EVAL_SUBJECTS["ringed_star_rgb"]
+    folder = tmp_path_factory.mktemp("photos")
+    return save_photos(folder, subject.photos(3, seed=0), ["a {token} {class_noun} on a blue background"] * 3)
+
+
+def fast_config(method: str, base: Path, photos: Path, out: Path, **overrides):
+    values = {
+        "base": str(base),
+        "photos": str(photos),
+        "class_noun": "star",
+        "out_dir": str(out),
+        "loop.steps": 2,
+        "loop.learning_rate": 1e-3,
+        "sample_images": 1,
+        "num_inference_steps": 2,
+        "sample_prompts": ["a {token} {class_noun}"],
+    }
+    return load_train_config(method, None, {**values, **overrides})
+
+
+def plain_pipeline(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def one_image(pipe, prompt: str) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt, num_inference_steps=2, guidance_scale=5.0, generator=generator, output_type="np"
+    ).images
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path):
+    method, overrides = CASES[case]
+    config = fast_config(method, random_tiny_dir, photos_dir, tmp_path / case, **overrides)
+    out = train(method, config, progress=False)
+
+    card = (out / "README.md").read_text()
+    assert config.token in card and "star" in card and "| training steps | 2 |" in card
+    assert "samples/sample_0000002.png" in card and (out / "samples" / "sample_0000002.png").is_file()
+    assert '"class_noun": "star"' in (out / "config.json").read_text()
+
+    if method == "dreambooth":
+        pipe = plain_pipeline(out)
+        base = plain_pipeline(random_tiny_dir)
+        changed = [
+            not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)
+        ]
+        assert any(changed)
+        assert len(list((out / "class_images").glob("photo_*.png"))) == 2
+    else:
+        pipe = plain_pipeline(random_tiny_dir)
+    if method == "lora":
+        lora = read_safetensors(out / "pytorch_lora_weights.safetensors")
+        assert any(
+            k.startswith("unet.") and k.endswith("lora_B.weight") and v.abs().sum() > 0
+            for k, v in lora.items()
+        )
+        assert any(k.startswith("text_encoder.") for k in lora) == bool(overrides.get("train_text_encoder"))
+        kohya = read_safetensors(out / "lora_kohya.safetensors")
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in kohya)
+        pipe.load_lora_weights(str(out), adapter_name="subject")
+    if method == "ti" or overrides.get("pivotal"):
+        embeds = read_safetensors(out / "learned_embeds.safetensors")
+        assert list(embeds) == ["<sks>"] and embeds["<sks>"].shape == (2, 128)
+        pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    image = one_image(pipe, f"a {config.token} star on a green background")
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+class KilledAt:
+    """Wraps a method so the run dies when step `k` begins, as a killed process would."""
+
+    def __init__(self, method, k: int):
+        self.method, self.k = method, k
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def batch(self, step, micro, seed):
+        if step == self.k:
+            raise KeyboardInterrupt("killed")
+        return self.method.batch(step, micro, seed)
+
+
+@pytest.mark.parametrize(("case", "accumulation"), [("pivotal", 2), ("dreambooth", 1)])
+def test_resume_after_kill_is_exact(case, accumulation, random_tiny_dir, photos_dir, tmp_path):
+    """A run killed when step k begins, resumed by new objects, ends with an uninterrupted run's weights."""
+    from pimg.trainers.personalize import method_classes
+
+    name, overrides = CASES[case]
+    steps, k = 3, 2
+    overrides = {
+        **overrides,
+        "loop.lr_schedule": "cosine",
+        "loop.warmup_steps": 1,
+        "loop.steps": steps,
+        "loop.gradient_accumulation": accumulation,
+        "loop.checkpoint_every": k,
+        "sample_images": 0,
+    }
+    if name == "dreambooth":
+        overrides["class_images_dir"] = str(tmp_path / "class_images")
+
+    def fresh(out: Path):
+        config = fast_config(name, random_tiny_dir, photos_dir, out, **overrides)
+        return method_classes(name)[1](config), config.loop
+
+    whole, loop = fresh(tmp_path / "whole")
+    run_training(whole, loop, tmp_path / "whole", progress=False)
+    killed, loop = fresh(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(KilledAt(killed, k), loop, tmp_path / "killed", progress=False)
+    assert latest_checkpoint(tmp_path / "killed").name == f"step_{k:07d}"
+    resumed, loop = fresh(tmp_path / "killed")  # new objects, as in a new process
+    run_training(resumed, loop, tmp_path / "killed", resume=True, progress=False)
+
+    files = (
+        ["unet/diffusion_pytorch_model.safetensors"]
+        if name == "dreambooth"
+        else ["pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
+    )
+    for file in files:
+        a, b = read_safetensors(tmp_path / "whole" / file), read_safetensors(tmp_path / "killed" / file)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), file
+
+
+def test_unknown_config_key_names_the_nearest(tmp_path):
+    yaml = tmp_path / "typo.yaml"
+    yaml.write_text("rnak: 8\n")
+    with pytest.raises(InputError, match=r"unknown key 'rnak' in typo.yaml\. Did you mean 'rank'"):
+        load_train_config("lora", yaml)
+    with pytest.raises(InputError, match="learning_rate"):
+        load_train_config("ti", None, {"loop.learning_rat": 1.0})
+    with pytest.raises(InputError, match="methods are dreambooth, lora, ti"):
+        load_train_config("hypernet")
+    assert list_methods() == ["dreambooth", "lora", "ti"]
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "toy_base.yaml")
+)
+def test_presets_load(preset):
+    config = load_train_config(preset.split("_")[0], CONFIGS / preset)
+    assert config.loop.steps > 0
+
+
+def test_nan_loss_raises_and_keeps_a_checkpoint(random_tiny_dir, photos_dir, tmp_path):
+    # A learning rate of 1e30 blows the LoRA weights up after the first steps: the loss turns inf/NaN.
+    config = fast_config(
+        "lora",
+        random_tiny_dir,
+        photos_dir,
+        tmp_path / "nan",
+        **{
+            "loop.learning_rate": 1e30,
+            "loop.steps": 6,
+            "loop.checkpoint_every": 1,
+            "loop.max_grad_norm": 0.0,
+            "sample_images": 0,
+        },
+    )
+    with pytest.raises(
+        TrainingError, match=r"loss became (nan|inf|-inf) at step \d.*resumable checkpoint is"
+    ):
+        train("lora", config, progress=False)
+    kept = latest_checkpoint(tmp_path / "nan")
+    assert kept is not None
+    assert all(torch.isfinite(t).all() for t in read_safetensors(kept / "unet.safetensors").values())
+
+
+def test_new_token_learning_refuses_existing_word(random_tiny_dir, photos_dir, tmp_path):
+    config = fast_config("ti", random_tiny_dir, photos_dir, tmp_path / "ti", token="sks")
+    with pytest.raises(InputError, match="'sks' is already in the tokenizer.*'<sks>'"):
+        train("ti", config, progress=False)
+    with pytest.raises(InputError, match="lacks '\\{token\\}'"):
+        fast_config("lora", random_tiny_dir, photos_dir, tmp_path, prompt_template="a star")
+    with pytest.raises(InputError, match="--class-noun"):
+        train("lora", fast_config("lora", random_tiny_dir, photos_dir, tmp_path / "x", class_noun=""))
+
+
+def test_new_tokens_train_only_their_rows(random_tiny_dir):
+    from pimg.diffusion_training import NewTokens, TextConditioner
+
+    pipe = plain_pipeline(random_tiny_dir)
+    pipe.text_encoder.requires_grad_(False)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    tokens = NewTokens(pipe.tokenizer, pipe.text_encoder, "<new>", n_vectors=3, init_word="star")
+    assert tokens.expand("a <new> star") == "a <new> <new>_1 <new>_2 star"
+    trainable = [p for p in pipe.text_encoder.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is tokens.vectors
+    optimizer = torch.optim.AdamW(trainable, lr=0.1)
+    TextConditioner.from_pipeline(pipe).encode([tokens.expand("a <new> star")]).prompt_embeds.sum().backward()
+    optimizer.step()
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[: before.shape[0]], before)
+    assert not torch.equal(table[tokens.ids[0]], before[pipe.tokenizer.convert_tokens_to_ids("star</w>")])
+
+
+def test_cli_train_and_errors(random_tiny_dir, photos_dir, tmp_path, capsys):
+    from pimg.cli import main
+
+    args = [
+        "train",
+        "lora",
+        "--base",
+        str(random_tiny_dir),
+        "--photos",
+        str(photos_dir),
+        "--class-noun",
+        "star",
+        "--steps",
+        "1",
+        "--rank",
+        "2",
+        "--out",
+        str(tmp_path / "cli"),
+        "--set",
+        "sample_images=0",
+    ]
+    assert main(args) == 0
+    assert '"rank": 2' in (tmp_path / "cli" / "config.json").read_text()
+    assert main(args) == 2  # the folder holds a run now: --resume or another --out
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert main([*args[:-2], "--set", "rank=x"]) == 2
+    assert "rank must be int" in capsys.readouterr().err
+
+
+def test_eval_toysubject_smoke(random_tiny_dir, tmp_path):
+    from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, evaluate_subjects
+
+    config = ToySubjectEvalConfig(
+        method="lora",
+        base=str(random_tiny_dir),
+        subjects=1,
+        steps=2,
+        images_per_background=1,
+        num_inference_steps=2,
+        out_dir=str(tmp_path / "eval"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate_subjects(config, overrides={"sample_images": 0}, progress=False)
+    row = report["subjects"][0]
+    assert set(report["mean"]) == {
+        "fidelity",
+        "background_accuracy",
+        "base_fidelity",
+        "drift_fidelity",
+        "train_seconds",
+    }
+    assert 0.0 <= row["fidelity"] <= 1.0 and 0.0 <= row["background_accuracy"] <= 1.0
+    assert (tmp_path / "eval" / "report.json").is_file() and (tmp_path / "eval" / "samples.png").is_file()

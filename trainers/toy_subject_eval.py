@@ -1,0 +1,250 @@
+"""`pimg eval toysubject`: train a method on toy-world subjects and read the results by pixels.
+
+For each of the first N `EVAL_SUBJECTS`: write 4 of its photos (with sidecar captions naming their
+background, so the background is not learned as part of the subject), train, load the result the way
+a user would (`LoraPart`, `EmbeddingPart`, or the DreamBooth folder as a base), then generate
+`images_per_background` images for every background the subject may appear on and score:
+
+- subject fidelity: `subject_fidelity` of `a <token> <class> on a <bg> background` images;
+- background accuracy: `read_background(image) == bg` on the same images;
+- base fidelity: the untrained base with `a <class> on a <bg> background` (how far the class noun
+  alone gets; a method must beat it);
+- drift: the trained model with the same token-free prompt (the class noun taking on the subject);
+- training wall time (photo loading, class images, training and saving: everything `train` does).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pimg.errors import InputError
+from pimg.subject_training import config_record
+
+#: Evaluation method -> (training method, config overrides on top of its tiny preset).
+EVAL_METHODS: dict[str, tuple[str, dict]] = {
+    "lora": ("lora", {}),
+    "pivotal": ("lora", {"pivotal": True, "token": "<sks>"}),
+    "ti": ("ti", {}),
+    "dreambooth": ("dreambooth", {}),
+    "dreambooth-noprior": ("dreambooth", {"prior_preservation": False}),
+}
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class ToySubjectEvalConfig:
+    """Settings of `pimg eval toysubject`.
+
+    Attributes:
+        method: one of `EVAL_METHODS`.
+        base: the toy base model (built-in `tiny` or a folder).
+        subjects: how many of `EVAL_SUBJECTS` to train on, in their fixed order.
+        steps: training steps; None keeps the preset's.
+        images_per_background: images generated per background and prompt.
+        method_config: the method's YAML; None: `configs/<training method>_tiny.yaml`.
+        photos_per_subject: training photos per subject.
+        photo_seed: seed of `Subject.photos`.
+        caption_backgrounds: give each photo the caption `a {token} {class_noun} on a <bg> background`.
+        num_inference_steps, guidance_scale: generation settings (None: the base's recommendation).
+        seed: seed of the first generated image of each prompt.
+        out_dir: report, sample grid and per-subject runs; None: `out/eval-toysubject-<method>`.
+    """
+
+    method: str = "lora"
+    base: str = "tiny"
+    subjects: int = 5
+    steps: int | None = None
+    images_per_background: int = 4
+    method_config: str | None = None
+    photos_per_subject: int = 4
+    photo_seed: int = 0
+    caption_backgrounds: bool = True
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    seed: int = 1234
+    out_dir: str | None = None
+
+    def __post_init__(self):
+        if self.method not in EVAL_METHODS:
+            raise InputError(f"method {self.method!r} is not one of {', '.join(EVAL_METHODS)}.")
+        if self.subjects < 1:
+            raise InputError(f"subjects must be >= 1, got {self.subjects}.")
+        if self.images_per_background < 1:
+            raise InputError(f"images_per_background must be >= 1, got {self.images_per_background}.")
+
+
+def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, overrides: dict):
+    """The training config of one subject: preset <- method overrides <- eval settings <- user overrides."""
+    from pimg.trainers.personalize import load_train_config
+
+    train_method, method_overrides = EVAL_METHODS[config.method]
+    preset = config.method_config or CONFIGS / f"{train_method}_tiny.yaml"
+    values = {
+        **method_overrides,
+        "base": config.base,
+        "photos": str(run_dir / "photos"),
+        "class_noun": subject.class_noun,
+        "out_dir": str(run_dir / "result"),
+        "loop.steps": config.steps,
+        **overrides,
+    }
+    if train_method == "dreambooth":  # class images depend on the class only: share them across subjects
+        values.setdefault("class_images_dir", str(run_dir.parent / "class_images" / subject.class_noun))
+    return train_method, load_train_config(train_method, preset, values)
+
+
+def score(pipe, subject, prompt_words: str, config: ToySubjectEvalConfig, guidance: float):
+    """Generate for every background the subject may appear on; (images, mean fidelity, background accuracy).
+
+    One pipeline call for all backgrounds (batched is faster on any device); image k of each
+    background uses seed `config.seed + k`, as `PersonalizedPipeline.generate` would.
+    """
+    import torch
+
+    from pimg.toyworld.checker import read_background, subject_fidelity
+
+    n = config.images_per_background
+    backgrounds = [bg for bg in subject.backgrounds for _ in range(n)]
+    out = pipe.pipe(
+        [f"{prompt_words} on a {bg} background" for bg in backgrounds],
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(config.seed + k % n) for k in range(len(backgrounds))],
+        output_type="np",
+    ).images
+    images = list((out * 255).round().astype(np.uint8))
+    fidelity = [subject_fidelity(image, subject) for image in images]
+    background = [read_background(image) == bg for image, bg in zip(images, backgrounds, strict=True)]
+    return images, float(np.mean(fidelity)), float(np.mean(background))
+
+
+def evaluate_subject(
+    subject, config: ToySubjectEvalConfig, base_pipe, out: Path, overrides: dict, progress: bool
+):
+    """Train on one subject and score it; returns (report row, photos, one generated image per background)."""
+    from pimg.trainers.personalize import train
+
+    from pimg.photos import save_photos
+    from pimg.subject_training import recommended_guidance
+    from pimg.toyworld.checker import read_background
+
+    guidance = (
+        config.guidance_scale if config.guidance_scale is not None else recommended_guidance(config.base)
+    )
+    run_dir = out / subject.name
+    shutil.rmtree(run_dir / "result", ignore_errors=True)
+    train_method, train_config = method_config(config, subject, run_dir, overrides)
+    photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
+    captions = None
+    if config.caption_backgrounds:
+        captions = [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
+    save_photos(run_dir / "photos", photos, captions)
+
+    class_words = f"a {subject.class_noun}"
+    _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
+    began = time.time()
+    result = train(train_method, train_config, progress=progress)
+    train_seconds = time.time() - began
+    trained = _load_trained(train_method, train_config, result)
+    token_words = f"a {train_config.token} {subject.class_noun}"
+    images, fidelity, background = score(trained, subject, token_words, config, guidance)
+    _, drift, _ = score(trained, subject, class_words, config, guidance)
+    shutil.rmtree(result / "checkpoints", ignore_errors=True)  # the result is saved; keep the disk free
+    row = {
+        "subject": subject.name,
+        "class_noun": subject.class_noun,
+        "backgrounds": list(subject.backgrounds),
+        "fidelity": fidelity,
+        "background_accuracy": background,
+        "base_fidelity": base_fidelity,
+        "base_background_accuracy": base_background,
+        "drift_fidelity": drift,
+        "train_seconds": train_seconds,
+        "train_config": config_record(train_config),
+    }
+    per_bg = config.images_per_background
+    return row, list(photos), [images[i * per_bg] for i in range(len(subject.backgrounds))]
+
+
+def evaluate_subjects(
+    config: ToySubjectEvalConfig, overrides: dict | None = None, progress: bool = True
+) -> dict:
+    """Run the evaluation, print the table, write `report.json` and `samples.png`; returns the report.
+
+    Example:
+        >>> evaluate_subjects(ToySubjectEvalConfig(method="lora", subjects=5))["mean"]["fidelity"]
+    """
+    from pimg.imaging import grid
+    from pimg.pipeline import PersonalizedPipeline
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    subjects = list(EVAL_SUBJECTS.values())
+    if config.subjects > len(subjects):
+        raise InputError(f"subjects={config.subjects}, but there are {len(subjects)} evaluation subjects.")
+    out = Path(config.out_dir or f"out/eval-toysubject-{config.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    base_pipe = PersonalizedPipeline.from_base(config.base)
+    base_pipe.pipe.set_progress_bar_config(disable=True)
+    rows, grid_rows = [], []
+    for subject in subjects[: config.subjects]:
+        row, photos, generated = evaluate_subject(subject, config, base_pipe, out, overrides or {}, progress)
+        rows.append(row)
+        grid_rows.append(photos + generated)
+        print(_format_row(row), flush=True)
+    keys = ("fidelity", "background_accuracy", "base_fidelity", "drift_fidelity", "train_seconds")
+    report = {
+        "config": asdict(config),
+        "overrides": overrides or {},
+        "subjects": rows,
+        "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
+    }
+    width = max(len(r) for r in grid_rows)
+    blank = np.full_like(grid_rows[0][0], 255)
+    grid([im for r in grid_rows for im in r + [blank] * (width - len(r))], columns=width).save(
+        out / "samples.png"
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(
+        f"report: {out / 'report.json'}; samples (photos, then one image per background): {out / 'samples.png'}"
+    )
+    return report
+
+
+def _load_trained(train_method: str, train_config, result: Path):
+    """The trained result loaded the way a user loads it: pimg parts on the base, or the DreamBooth folder."""
+    from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
+
+    if train_method == "dreambooth":
+        pipe = PersonalizedPipeline.from_base(str(result))
+    else:
+        pipe = PersonalizedPipeline.from_base(train_config.base)
+        if train_method == "lora":
+            pipe.add(LoraPart(result))
+        if (result / "learned_embeds.safetensors").is_file():
+            pipe.add(EmbeddingPart(result / "learned_embeds.safetensors"))
+    pipe.pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _format_row(row: dict) -> str:
+    return (
+        f"{row['subject']:28s} fidelity {row['fidelity']:.3f}  background {100 * row['background_accuracy']:5.1f}%  "
+        f"base {row['base_fidelity']:.3f}  drift {row['drift_fidelity']:.3f}  train {row['train_seconds']:5.1f} s"
+    )
+
+
+def format_report(report: dict) -> str:
+    """The per-subject rows and the mean, as plain text."""
+    mean = report["mean"]
+    lines = [f"method: {report['config']['method']}, base: {report['config']['base']}"]
+    lines += [_format_row(r) for r in report["subjects"]]
+    lines.append(_format_row({"subject": "MEAN", **mean}))
+    return "\n".join(lines)
