@@ -258,7 +258,6 @@ def run_training(
     Returns:
         The last logged scalars plus `wall_time_s`.
     """
-    from accelerate import Accelerator
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -266,9 +265,7 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     if resolved_config is not None:
         (out / "config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
-    )
+    accelerator = _accelerator(config)
     modules = method.trainable_modules()
     if config.gradient_checkpointing:
         for module in modules.values():
@@ -339,6 +336,22 @@ def run_training(
         writer.close()
     logs["wall_time_s"] = time.time() - began
     return logs
+
+
+def _accelerator(config: LoopConfig):
+    """An Accelerator for this run. accelerate keeps its state in a process-wide singleton that refuses
+    a second mixed-precision setting; one process running several trainings in turn (the demo, the
+    toy-world stages, `pimg eval toysubject`) resets it between runs. Under `accelerate launch`
+    (several processes) the launcher's settings stand and are never reset."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and PartialState().num_processes == 1 and state.get("_mixed_precision") != config.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
+    )
 
 
 def _non_finite_loss(loss, step, out, modules, params, optimizer, scheduler, ema, config) -> TrainingError:
