@@ -295,3 +295,47 @@ def test_eval_toysubject_smoke(random_tiny_dir, tmp_path):
     }
     assert 0.0 <= row["fidelity"] <= 1.0 and 0.0 <= row["background_accuracy"] <= 1.0
     assert (tmp_path / "eval" / "report.json").is_file() and (tmp_path / "eval" / "samples.png").is_file()
+
+
+class LinearRegression:
+    """The smallest method the loop accepts: fit y = 2x with one Linear layer."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 1)
+
+    def trainable_modules(self):
+        return {"model": self.model}
+
+    def trainable_parameters(self):
+        return list(self.model.parameters())
+
+    def batch(self, step, micro, seed):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed + step))
+        return x, 2 * x.sum(dim=1, keepdim=True)
+
+    def loss(self, batch, generator):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y), {}
+
+    def sample(self, step, out_dir):
+        return None
+
+    def save(self, out_dir):
+        torch.save(self.model.state_dict(), out_dir / "model.pt")
+
+
+def test_finished_run_extends_to_more_steps_as_if_never_stopped(tmp_path):
+    """The final checkpoint keeps live weights and the EMA shadow, so `--resume` with more steps continues
+    the run exactly (with a constant LR, 2 + 2 steps equal 4 uninterrupted ones)."""
+    from pimg.trainers.loop import LoopConfig
+
+    def loop(steps):
+        return LoopConfig(steps=steps, learning_rate=0.05, ema_decay=0.5, log_every=1)
+
+    run_training(LinearRegression(), loop(4), tmp_path / "whole", progress=False)
+    run_training(LinearRegression(), loop(2), tmp_path / "extended", progress=False)
+    run_training(LinearRegression(), loop(4), tmp_path / "extended", resume=True, progress=False)
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    extended = torch.load(tmp_path / "extended" / "model.pt", weights_only=True)
+    assert all(torch.equal(whole[k], extended[k]) for k in whole)

@@ -326,11 +326,13 @@ def run_training(
         if config.sample_every and done % config.sample_every == 0 and done < config.steps:
             _sample(method, done, out, ema, writer)
     bar.close()
+    if accelerator.is_main_process:
+        # Live weights and the EMA shadow, before the swap: a later run with more steps resumes from here.
+        _save_checkpoint(out, config.steps, modules, optimizer, scheduler, ema, config.keep_checkpoints)
     if ema is not None:
         ema.swap()  # the finished model is the averaged one
     if accelerator.is_main_process:
         _sample(method, config.steps, out, None, writer)
-        _save_checkpoint(out, config.steps, modules, optimizer, scheduler, None, config.keep_checkpoints)
         method.save(out)
     if writer is not None:
         writer.close()
