@@ -349,7 +349,11 @@ def _accelerator(config: LoopConfig):
     from accelerate.state import AcceleratorState, PartialState
 
     state = AcceleratorState._shared_state
-    if state and PartialState().num_processes == 1 and state.get("_mixed_precision") != config.mixed_precision:
+    if (
+        state
+        and PartialState().num_processes == 1
+        and state.get("_mixed_precision") != config.mixed_precision
+    ):
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
