@@ -220,8 +220,10 @@ def test_missing_models_say_which_flag_and_extra(tmp_path, monkeypatch):
     import importlib.util
 
     # Without dlib the error names the extra; with it, a folder lacking the .dat files names the flag.
-    dlib_missing = "dlib face model file .*--face-model" if importlib.util.find_spec("dlib") else (
-        r"needs dlib.*pip install 'pimg\[face-dlib\]'"
+    dlib_missing = (
+        "dlib face model file .*--face-model"
+        if importlib.util.find_spec("dlib")
+        else (r"needs dlib.*pip install 'pimg\[face-dlib\]'")
     )
     with pytest.raises(ModelLoadError, match=dlib_missing):
         load_metric("face-id", "dlib", str(tmp_path))

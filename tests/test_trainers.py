@@ -6,6 +6,7 @@ smoke run of `pimg eval toysubject`. Every run is a few steps at 64 px, so the f
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,10 @@ CASES = {
     "lora": ("lora", {}),
     "pivotal": ("lora", {"pivotal": True, "token": "<sks>", "n_vectors": 2, "train_text_encoder": True}),
     "ti": ("ti", {"n_vectors": 2}),
-    "dreambooth": ("dreambooth", {"num_class_images": 2}),
+    "dreambooth": (
+        "dreambooth",
+        {"num_class_images": 3, "class_prompts": ["a {class_noun} on a red background", "a {class_noun}"]},
+    ),
 }
 
 
@@ -89,7 +93,9 @@ def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path)
             not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)
         ]
         assert any(changed)
-        assert len(list((out / "class_images").glob("photo_*.png"))) == 2
+        assert len(list((out / "class_images").glob("photo_*.png"))) == 3
+        manifest = json.loads((out / "class_images" / "manifest.json").read_text())
+        assert manifest["prompts"] == ["a star on a red background", "a star"] and manifest["count"] == 3
     else:
         pipe = plain_pipeline(random_tiny_dir)
     if method == "lora":

@@ -188,7 +188,9 @@ def export_model(source: str | Path, destination: str | Path) -> Path:
     from transformers import CLIPModel
 
     source = Path(source)
-    pipeline = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(source), safety_checker=None, requires_safety_checker=False
+    )
     clip = CLIPModel.from_pretrained(str(source / "clip"))
     return save_model_folder(pipeline, clip, destination, half=True)
 
