@@ -6,7 +6,8 @@
   ft-MSE VAE did: sharper images, same latent space, so the trained UNet stays valid.
 - unet: a UNet2DConditionModel learns epsilon-prediction (Ho et al. 2020) in the frozen VAE's latent
   space, conditioned on the frozen CLIP text tower's last hidden states, as Stable Diffusion is
-  (Rombach et al. 2022). Captions are dropped 10% of the time for classifier-free guidance.
+  (Rombach et al. 2022). Captions are dropped 10% of the time for classifier-free guidance, and
+  10% of one-object captions are the class-noun prompt (`class_noun_prompt`).
 
 Every stage streams fresh scenes from the toy world's training split (held-out compositions never
 appear), so there is no dataset to overfit and the step index alone fixes each batch.
@@ -278,7 +279,7 @@ class VaeStage:
 
 
 class DecoderStage(VaeStage):
-    """Fine-tunes the VAE decoder of a finished model on full images; the encoder stays frozen."""
+    """Fine-tunes the VAE decoder of a finished model on full scenes and subject photos; the encoder stays frozen."""
 
     def __init__(self, config: ToyBaseConfig, model_dir: Path):
         from diffusers import StableDiffusionPipeline
