@@ -75,7 +75,8 @@ class ToyBaseConfig:
         decoder_subject_share: share of each decoder fine-tuning batch that is photos of random
             training subjects (rings, bands, emblems: finer detail than the grammar's objects), so
             the decoder renders what users personalize. Measured on the 5 first evaluation subjects'
-            photos, encoded and decoded: mean subject fidelity 0.68 before, 0.71 after 300 steps.
+            photos, encoded and decoded: mean subject fidelity 0.68 with the decoder fine-tuned on
+            scenes alone (600 steps), 0.73 with this mix (1000 steps, share 0.5).
     """
 
     out_dir: str = "runs/tiny"
@@ -162,9 +163,14 @@ def _stream_batch(config: ToyBaseConfig, batch_size: int, step: int, micro: int,
     return images, captions
 
 
+def _batch_seed(step: int, micro: int, seed: int) -> int:
+    """The random seed of one micro-batch's data: the step index alone fixes each batch."""
+    return seed * 7_919 + step * 131 + micro
+
+
 def _scene_batch(config: ToyBaseConfig, batch_size: int, step: int, micro: int, seed: int):
     stream = SceneStream(
-        seed=seed * 7_919 + step * 131 + micro,
+        seed=_batch_seed(step, micro, seed),
         split="train",
         two_object_prob=config.two_object_prob,
         drop_prob=config.caption_drop_prob,
@@ -301,7 +307,7 @@ class DecoderStage(VaeStage):
         if n > n_subject:
             parts.append(_stream_batch(self.config, n - n_subject, step, micro, seed)[0])
         if n_subject:
-            parts.append(_subject_photos(n_subject, seed * 7_919 + step * 131 + micro))
+            parts.append(_subject_photos(n_subject, _batch_seed(step, micro, seed)))
         return to_model_range(np.concatenate(parts))
 
     def loss(self, pixels, generator):
