@@ -79,7 +79,7 @@ def cmd_train_base(args) -> None:
     }
     config = load_config(ToyBaseConfig, args.config, overrides)
     folder = train_base(config, resume=args.resume)
-    print(f"model written to {folder}")
+    print(f"result written to {folder}")
 
 
 def cmd_export_base(args) -> None:

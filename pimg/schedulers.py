@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from pimg.errors import InputError
 
 #: name -> (diffusers class name, extra config)
@@ -34,4 +36,15 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULERS:
         raise InputError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     class_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(base_config, **extra)
+    scheduler_class = getattr(diffusers, class_name)
+    if (
+        base_config.get("rescale_betas_zero_snr")
+        and "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters
+    ):
+        # from_config would drop the setting silently and sample on the wrong noise schedule.
+        usable = [n for n, (c, _) in SCHEDULERS.items() if c != class_name]
+        raise InputError(
+            f"the {name} scheduler cannot sample this model: its noise schedule is rescaled to zero terminal "
+            f"SNR, which {class_name} does not support; choose one of {', '.join(usable)}."
+        )
+    return scheduler_class.from_config(base_config, **extra)

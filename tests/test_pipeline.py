@@ -113,6 +113,18 @@ def test_schedulers_by_name(pp):
         pp.set_scheduler("nope")
 
 
+def test_zero_terminal_snr_schedule_carries_over_or_is_refused():
+    from pimg.schedulers import make_scheduler
+    from pimg.toyworld.architecture import build_scheduler
+
+    base = build_scheduler("v_prediction", zero_terminal_snr=True).config
+    euler = make_scheduler("euler", base)
+    assert euler.config.rescale_betas_zero_snr and euler.config.prediction_type == "v_prediction"
+    with pytest.raises(InputError, match="zero terminal SNR"):
+        make_scheduler("pndm", base)
+    assert make_scheduler("pndm", build_scheduler().config) is not None
+
+
 def test_lora_saved_by_pimg_matches_plain_diffusers(random_tiny_dir, lora_dir):
     """pimg's own LoRA path and diffusers' load_lora_weights on pimg's file give the same images."""
     prompt = "a red star on a blue background"

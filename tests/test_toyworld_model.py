@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from pimg.models import BUILTIN_MODELS
 from pimg.toyworld.captions import VOCABULARY
@@ -25,11 +29,24 @@ def test_tokenizer_keeps_grammar_words_and_rare_tokens_whole(tmp_path):
     assert len(pieces) > 1 and tokenizer.unk_token not in pieces
 
 
+def test_tokenizer_build_is_the_same_in_every_process(tmp_path):
+    # Token ids are what CLIP and the UNet learn: a rebuild that renumbers them breaks a resumed run.
+    # Separate processes with different hash seeds, since hash order is what used to break the ties.
+    script = (
+        "import sys; from pimg.toyworld.architecture import tokenizer_words; "
+        "from pimg.toyworld.tokenizer import build_bpe_files; build_bpe_files(tokenizer_words(), sys.argv[1])"
+    )
+    for k in range(2):
+        env = dict(os.environ, PYTHONHASHSEED=str(k + 1))
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(k))], check=True, env=env)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "0" / name).read_text() == (tmp_path / "1" / name).read_text(), name
+
+
 @pytest.mark.skipif(
     not (TINY / "model_index.json").is_file(), reason="the trained tiny model is not in this checkout"
 )
 def test_shipped_tiny_loads_in_plain_diffusers_and_transformers():
-    import torch
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
 
@@ -50,35 +67,93 @@ def test_shipped_tiny_loads_in_plain_diffusers_and_transformers():
     assert clip(**inputs).logits_per_image.shape == (1, 1)
 
 
-def test_train_base_stages_run_and_resume_skips_finished_stages(tmp_path):
+FAST_STAGES = "sample_steps: 1\nunet:\n  batch_size: 8\nclip:\n  batch_size: 16\n"
+
+
+def _train_base_args(config, out) -> list[str]:
+    steps = ["--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2"]
+    return ["toyworld", "train-base", "--config", str(config), "--out", str(out), *steps]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-steps-per-stage run of clip, vae, unet (the default stages)."""
+    from pimg.cli import main
+
+    folder = tmp_path_factory.mktemp("train_base")
+    config = folder / "fast.yaml"
+    config.write_text(FAST_STAGES)
+    assert main(_train_base_args(config, folder / "run")) == 0
+    return folder / "run", config
+
+
+def test_train_base_stages_run_and_resume_skips_finished_stages(trained_run):
     from diffusers import StableDiffusionPipeline
 
     from pimg.cli import main
 
-    out = tmp_path / "run"
-    config = tmp_path / "fast.yaml"
-    config.write_text("sample_steps: 1\nunet:\n  batch_size: 8\nclip:\n  batch_size: 16\n")
-    args = [
-        "toyworld",
-        "train-base",
-        "--config",
-        str(config),
-        "--out",
-        str(out),
-        "--clip-steps",
-        "2",
-        "--vae-steps",
-        "2",
-        "--unet-steps",
-        "2",
-    ]
-    assert main(args) == 0
+    out, config = trained_run
     model = out / "unet" / "model"
     assert StableDiffusionPipeline.from_pretrained(str(model)).unet is not None
     assert (out / "unet" / "samples").is_dir() and list((out / "unet" / "logs").iterdir())
     stamp = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
-    assert main([*args, "--resume"]) == 0
+    assert main([*_train_base_args(config, out), "--resume"]) == 0
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime == stamp
+
+
+def test_continued_unet_starts_from_the_finished_model_and_tunes_its_text_tower(
+    trained_run, tmp_path, capsys
+):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    from pimg.cli import main
+
+    first, _ = trained_run
+    # A new run folder: the unet stage takes VAE, CLIP and tokenizer from unet_init.
+    out = tmp_path / "continued"
+    config = tmp_path / "continue.yaml"
+    config.write_text(
+        f"sample_steps: 1\nstages: [unet]\nunet_init: {first / 'unet' / 'model'}\ntrain_text_encoder: true\n"
+        "text_encoder_lr: 0.01\nprediction_type: v_prediction\nzero_terminal_snr: true\nmin_snr_gamma: 0\n"
+        "unet:\n  batch_size: 8\n  loop:\n    learning_rate: 0.0\n"
+    )
+    assert main(_train_base_args(config, out)) == 0
+    assert f"result written to {out / 'unet' / 'model'}" in capsys.readouterr().out
+
+    before = StableDiffusionPipeline.from_pretrained(str(first / "unet" / "model"))
+    after = StableDiffusionPipeline.from_pretrained(str(out / "unet" / "model"))
+    # The UNet's learning rate is 0 here, so it must come out exactly as the finished model's UNet.
+    unet_after = dict(after.unet.named_parameters())
+    assert all(torch.equal(p, unet_after[n]) for n, p in before.unet.named_parameters())
+    tuned = dict(after.text_encoder.named_parameters())
+    moved = [n for n, p in before.text_encoder.named_parameters() if not torch.equal(p, tuned[n])]
+    assert moved, "train_text_encoder: the shipped text tower must be the tuned one"
+    assert after.scheduler.config.prediction_type == "v_prediction"
+    assert (
+        after.scheduler.config.rescale_betas_zero_snr
+        and after.scheduler.config.timestep_spacing == "trailing"
+    )
+    clip = CLIPModel.from_pretrained(str(out / "unet" / "model" / "clip"))
+    original = CLIPModel.from_pretrained(str(first / "clip" / "clip"))
+    assert all(torch.equal(a, b) for a, b in zip(clip.parameters(), original.parameters(), strict=True)), (
+        "the metric CLIP stays the contrastive one"
+    )
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_ends_in_pure_noise():
+    from diffusers import DDPMScheduler
+    from pimg.trainers.toy_base import ToyBaseConfig
+
+    from pimg.errors import TrainingError
+    from pimg.toyworld.architecture import noise_schedule
+
+    with pytest.raises(TrainingError, match="v_prediction"):
+        ToyBaseConfig(zero_terminal_snr=True)
+
+    scheduler = DDPMScheduler(**noise_schedule("v_prediction", zero_terminal_snr=True))
+    assert scheduler.alphas_cumprod[-1] == 0  # the last training step sees no image at all
+    assert DDPMScheduler(**noise_schedule()).alphas_cumprod[-1] > 0.004  # SD's leak
 
 
 def test_eval_toybase_reports_seen_and_held_out(random_tiny_dir, tmp_path):

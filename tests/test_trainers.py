@@ -15,7 +15,9 @@ import pytest
 import torch
 from pimg.trainers.loop import latest_checkpoint, run_training
 from pimg.trainers.personalize import list_methods, load_train_config, train
+from pimg.trainers.toy_base import ToyBaseConfig
 
+from pimg.config import load_config
 from pimg.errors import InputError, TrainingError
 from pimg.photos import save_photos
 from pimg.safetensors_io import read_safetensors
@@ -187,11 +189,17 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "preset", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "toy_base.yaml")
+    "preset", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("toy_base"))
 )
 def test_presets_load(preset):
     config = load_train_config(preset.split("_")[0], CONFIGS / preset)
     assert config.loop.steps > 0
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("toy_base*.yaml")))
+def test_toy_base_presets_load(preset):
+    config = load_config(ToyBaseConfig, CONFIGS / preset)
+    assert config.stages and all(getattr(config, stage).loop.steps > 0 for stage in config.stages)
 
 
 def test_nan_loss_raises_and_keeps_a_checkpoint(random_tiny_dir, photos_dir, tmp_path):

@@ -113,12 +113,23 @@ def build_unet(seed: int = 0):
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
-def build_scheduler():
+def noise_schedule(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
+    """SD 1.x's schedule, optionally rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed"). SD's last training step keeps sqrt(0.0047) of the
+    image, so a model learns to read the layout off that leak, and at sampling time, from pure noise,
+    takes it from the noise instead of the prompt. Zero terminal SNR needs v-prediction and sampling that
+    starts at the last timestep ("trailing" spacing)."""
+    schedule = dict(SCHEDULER_CONFIG, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return schedule
+
+
+def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """The sampler `tiny` ships with: DPM-Solver++ on the model's noise schedule."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(
-        **{k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample" and k != "set_alpha_to_one"}
-    )
+    return DPMSolverMultistepScheduler(**noise_schedule(prediction_type, zero_terminal_snr))
 
 
 def text_encoder_from_clip(clip):
@@ -131,16 +142,16 @@ def text_encoder_from_clip(clip):
     return text_encoder
 
 
-def assemble_pipeline(tokenizer, clip, vae, unet):
+def assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler=None):
     """A diffusers `StableDiffusionPipeline` from tiny parts (no safety checker: synthetic domain)."""
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder_from_clip(clip),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=scheduler or build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -205,5 +216,5 @@ def build_random_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tokenizer = build_tokenizer(tokenizer_words(), folder / "tokenizer")
     clip = build_clip(tokenizer, seed)
-    pipeline = assemble_pipeline(tokenizer, clip, build_vae(seed), build_unet(seed))
+    pipeline = assemble_pipeline(tokenizer, text_encoder_from_clip(clip), build_vae(seed), build_unet(seed))
     return save_model_folder(pipeline, clip, folder)

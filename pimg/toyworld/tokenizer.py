@@ -27,11 +27,43 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _CHARACTERS = string.ascii_lowercase + string.digits + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 
 
-def build_bpe_files(words: Iterable[str], out_dir: str | Path) -> Path:
-    """Write `vocab.json` and `merges.txt` in which each of `words` is a single token.
+def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges, in order, that turn each of `words` into a single token.
 
-    The merges come from a BPE trainer run on the word list itself: BPE re-applies learned merges in
-    the order it learned them, so every training word encodes back to the single token it became.
+    Plain BPE training on the word list itself: merge the most frequent adjacent pair, ties broken by
+    the pair's spelling, until every word is whole. The tie-break makes the result the same on every
+    run; the `tokenizers` trainer breaks ties by hash order, so each build of the same word list had its
+    own token ids. BPE re-applies merges in the order they were learned, so every word encodes back to
+    the single token it became.
+    """
+    pieces = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(words)) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in pieces:
+            for pair in zip(word[:-1], word[1:], strict=True):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        pieces = [_merge_pair(word, best) for word in pieces]
+
+
+def _merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def build_bpe_files(words: Iterable[str], out_dir: str | Path) -> Path:
+    """Write `vocab.json` and `merges.txt` in which each of `words` is a single token (`learn_merges`).
 
     Args:
         words: the whole-word vocabulary (lower case, no spaces).
@@ -39,30 +71,17 @@ def build_bpe_files(words: Iterable[str], out_dir: str | Path) -> Path:
     Returns:
         The folder.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    words = sorted(set(words))
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # larger than any merge count: training stops once every word is whole
-        min_frequency=1,
-        end_of_word_suffix="</w>",
-        initial_alphabet=list(_CHARACTERS),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(words, trainer=trainer)
-    trained = json.loads(bpe.to_str())["model"]
+    merges = learn_merges(words)
     vocab: dict[str, int] = {}
-    for token in list(_CHARACTERS) + [c + "</w>" for c in _CHARACTERS] + list(trained["vocab"]):
+    for token in list(_CHARACTERS) + [c + "</w>" for c in _CHARACTERS] + ["".join(pair) for pair in merges]:
         vocab.setdefault(token, len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
-    merges = ["#version: 0.2"] + [" ".join(pair) for pair in trained["merges"]]
-    (out / "merges.txt").write_text("\n".join(merges) + "\n")
+    lines = ["#version: 0.2"] + [" ".join(pair) for pair in merges]
+    (out / "merges.txt").write_text("\n".join(lines) + "\n")
     return out
 
 
