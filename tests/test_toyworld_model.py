@@ -195,3 +195,15 @@ def test_unet_training_captions_mix_empty_class_noun_and_full_captions():
     # The class-noun prompt is not in the caption grammar (no colour), which is the point of it.
     with pytest.raises(InputError):
         parse_caption("a star on a green background")
+
+
+def test_unet_init_that_is_not_a_model_folder_is_refused_before_any_loading(tmp_path):
+    from pimg.trainers.toy_base import ToyBaseConfig, train_base
+
+    from pimg.errors import TrainingError
+
+    config = ToyBaseConfig(
+        out_dir=str(tmp_path / "run"), stages=("unet",), unet_init=str(tmp_path / "missing")
+    )
+    with pytest.raises(TrainingError, match="not a finished model folder"):
+        train_base(config, progress=False)

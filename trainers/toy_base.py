@@ -386,8 +386,8 @@ class UnetStage:
             self.unet = arch.build_unet(seed=config.unet.loop.seed)
             self.text_encoder = arch.text_encoder_from_clip(clip)
         self.text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
-        self.schedule = arch.noise_schedule(config.prediction_type, config.zero_terminal_snr)
-        self.noise_scheduler = DDPMScheduler(**self.schedule, clip_sample=False)
+        schedule = arch.noise_schedule(config.prediction_type, config.zero_terminal_snr)
+        self.noise_scheduler = DDPMScheduler(**schedule, clip_sample=False)
 
     def trainable_modules(self):
         if self.config.train_text_encoder:
@@ -485,8 +485,6 @@ def _unet_stage_inputs(config: ToyBaseConfig, out: Path):
 
     if config.unet_init:
         init = Path(config.unet_init)
-        if not (init / "model_index.json").is_file():
-            raise TrainingError(f"unet_init {init} is not a finished model folder (no model_index.json).")
         return CLIPModel.from_pretrained(str(init / "clip")), AutoencoderKL.from_pretrained(str(init / "vae"))
     for needed in ("clip", "vae"):
         if not (out / needed / needed).is_dir():
@@ -511,6 +509,10 @@ def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = Tru
 
     out = Path(config.out_dir)
     token_dir = out / "tokenizer"
+    if config.unet_init and not (Path(config.unet_init) / "model_index.json").is_file():
+        raise TrainingError(
+            f"unet_init {config.unet_init} is not a finished model folder (no model_index.json)."
+        )
     if config.unet_init:  # a continued model keeps its tokenizer: its ids are what its text tower learned
         tokenizer = CLIPTokenizer.from_pretrained(str(Path(config.unet_init) / "tokenizer"))
     elif (token_dir / "tokenizer.json").is_file():
