@@ -172,3 +172,24 @@ def _load_error(base: str, kind: str, exc: Exception) -> ModelLoadError:
             "a single file; offline, pass a local diffusers folder of the same family with --config-folder."
         )
     return ModelLoadError(f"could not load the base model from {base!r} ({text}). Is the folder complete?")
+
+
+@torch.no_grad()
+def weights_fingerprint(*modules: torch.nn.Module, samples: int = 16) -> str:
+    """A short hash of what these modules' weights are, to key caches made with a base.
+
+    A base's name alone is not enough: retraining `tiny`, or replacing a local folder, keeps the name
+    but changes what the base generates. Each parameter contributes its name, shape, sum and a few
+    evenly spaced values, so the cost stays at a few reductions even for an SDXL UNet.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, param in module.state_dict().items():
+            flat = param.detach().reshape(-1)
+            picks = flat[torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()]
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(flat.double().sum().cpu().numpy().tobytes())
+            digest.update(picks.double().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -11,6 +11,8 @@ Inversion embeddings ship here; the hypernetwork, ID adapter and multi-subject f
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,18 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
     }
 
 
+@contextmanager
+def _diffusers_log_level(level: int):
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
+
+
 class LoraPart(Part):
     """A LoRA file (diffusers or kohya layout) applied with a scale, as a named peft adapter."""
 
@@ -71,7 +85,12 @@ class LoraPart(Part):
         from pimg.lora_formats import load_lora_state_dict
 
         state_dict = load_lora_state_dict(self.path, _components(pipe))
-        pipe.load_lora_weights(state_dict, adapter_name=self.name)
+        if any(key.startswith("text_encoder") for key in state_dict):
+            pipe.load_lora_weights(state_dict, adapter_name=self.name)
+            return
+        # diffusers warns, at length, that a UNet-only LoRA holds no text-encoder keys: expected here.
+        with _diffusers_log_level(logging.ERROR):
+            pipe.load_lora_weights(state_dict, adapter_name=self.name)
 
     def detach(self, pipe) -> None:
         pipe.delete_adapters(self.name)

@@ -16,6 +16,7 @@ from pimg.lora_formats import (
 )
 from pimg.models import describe_base, load_base
 from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline, read_png_settings
+from pimg.safetensors_io import read_safetensors
 
 FAST = dict(num_inference_steps=4, guidance_scale=5.0)
 
@@ -154,6 +155,36 @@ def test_kohya_file_gives_the_same_unet_output(random_tiny_dir, lora_dir):
         with torch.no_grad():
             outputs.append(pp.pipe.unet(sample, torch.tensor([500, 500]), text.repeat(2, 1, 1)).sample)
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_unet_only_lora_loads_without_diffusers_text_encoder_warning(random_tiny_dir, lora_dir, tmp_path):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from safetensors.torch import save_file
+
+    state = read_safetensors(lora_dir / DIFFUSERS_LORA_FILENAME)
+    save_file(
+        {k: v for k, v in state.items() if k.startswith("unet.")}, str(tmp_path / "unet_only.safetensors")
+    )
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+
+    class Collect(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    diffusers_logging.get_logger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate
+    before = diffusers_logging.get_verbosity()
+    try:
+        pp.add(LoraPart(tmp_path / "unet_only.safetensors"))
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [m for m in handler.messages if "No LoRA keys" in m]
+    assert diffusers_logging.get_verbosity() == before
+    assert pp.pipe.unet.peft_config and not getattr(pp.pipe.text_encoder, "peft_config", None)
 
 
 def test_lora_scale_zero_is_the_base(random_tiny_dir, lora_dir):

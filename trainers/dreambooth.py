@@ -19,6 +19,7 @@ import torch
 from pimg.trainers.loop import LoopConfig
 
 from pimg.errors import InputError
+from pimg.models import weights_fingerprint
 from pimg.photos import load_photos, save_photos
 from pimg.subject_training import SubjectBatch, SubjectConfig, SubjectTraining, epoch_indices
 
@@ -101,6 +102,8 @@ class DreamBoothMethod(SubjectTraining):
         c = self.config
         want = {
             "base": c.base,
+            # The name alone would keep serving images of a base since retrained under that name.
+            "base_weights": weights_fingerprint(self.pipe.unet, *self.text_components().values()),
             "prompts": [self.prompt(p) for p in c.class_prompts],
             "resolution": self.resolution,
             "num_inference_steps": c.num_inference_steps,

@@ -257,7 +257,7 @@ class VaeStage:
     """Reconstruction training of the tiny AutoencoderKL (MSE + L1 + small KL).
 
     Steps matter more than size here: the same network reached 24.9 dB held-out PSNR after 1200 steps
-    and 32.1 dB after 5000 (`configs/toy_base_zero_snr.yaml`), where its round trips stop costing the
+    and 32.1 dB after 5000 (`configs/toy_base.yaml`), where its round trips stop costing the
     checker's colour, shape and two-object readings anything.
     """
 
