@@ -192,7 +192,10 @@ def _generate_tab(gr, base: str, guidance: float) -> SimpleNamespace:
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                 steps = gr.Number(25, label="Steps", precision=0, elem_id="gen-steps")
-                guidance = gr.Number(guidance, label="Guidance", elem_id="guidance")
+                # Empty: the chosen subjects' recommended guidance (their trainings record it), else the base's.
+                guidance = gr.Number(
+                    None, label=f"Guidance (empty: the subjects' own, else {guidance:g})", elem_id="guidance"
+                )
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="num-images")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():

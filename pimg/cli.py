@@ -180,6 +180,7 @@ def cmd_eval_toysubject(args) -> None:
         subjects=args.subjects,
         steps=args.steps,
         images_per_background=args.images,
+        guidance_scale=args.guidance,
         out_dir=args.out,
         method_config=args.config,
     )
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     ets.add_argument("--subjects", type=int, default=None, help="evaluation subjects to train on (default 5)")
     ets.add_argument("--steps", type=int, default=None, help="training steps (default: the method preset's)")
     ets.add_argument("--images", type=int, default=None, help="images per background (default 4)")
+    ets.add_argument(
+        "--guidance", type=float, default=None, help="default: the method config's, else the base's"
+    )
     ets.add_argument("--config", default=None, help="method YAML (default: configs/<method>_tiny.yaml)")
     ets.add_argument("--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="method config key")
     ets.add_argument("--out", default=None, help="default: out/eval-toysubject-<method>")

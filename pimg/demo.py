@@ -329,6 +329,7 @@ class DemoBackend:
         Args:
             base_choice: `BASE_CHOICE` for the app's base, or the name of a DreamBooth subject.
             chosen: (subject name or None for an empty slot, scale) pairs.
+            guidance_scale: None takes the lowest the chosen subjects' trainings recorded, else the base's.
         """
         space = self.space(session_id)
         picks = [(space.store.load(n), float(s)) for n, s in chosen if n]
@@ -337,9 +338,15 @@ class DemoBackend:
         seed = _number("seed", seed, 0, 2**31 - 1)
         steps = _number("steps", num_inference_steps, 1, 200)
         num_images = _number("number of images", num_images, 1, MAX_IMAGES)
-        guidance = self.guidance_default() if guidance_scale is None else float(guidance_scale)
         check_prompt_tokens(prompt or "", [s for s, _ in picks])
         base, parts = subject_parts(picks, space.store)
+        if guidance_scale is not None:
+            guidance = float(guidance_scale)
+        else:  # what the chosen subjects' trainings recommend, else the base's
+            from pimg.subject_training import lowest_recorded_guidance
+
+            recorded = lowest_recorded_guidance(space.store.path(s, s.weights) for s, _ in picks)
+            guidance = recorded[0] if recorded else self.guidance_default()
         with self._generate_lock:
             pipe = self.pipeline(base)
             try:

@@ -18,7 +18,8 @@ class GenerateRequest:
         prompts: prompts given directly; `prompt_file` adds one prompt per non-empty line.
         loras: (path, scale) pairs.
         embeddings: (path, token or None) pairs.
-        guidance_scale: None picks the base model's recommended value.
+        guidance_scale: None picks the one the loaded subjects recorded, else the base's (see
+            `default_guidance`).
         num_images: images per prompt; image k of a prompt uses seed `seed + k`.
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
     """
@@ -77,7 +78,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     """
     from tqdm.auto import tqdm
 
-    from pimg.models import BUILTIN_MODELS, pick_device
+    from pimg.models import pick_device
     from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
 
     request.validate()
@@ -96,9 +97,10 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         pp.add(EmbeddingPart(path, token))
     for path, scale in request.loras:
         pp.add(LoraPart(path, scale))
-    guidance = request.guidance_scale
+    guidance, source = request.guidance_scale, "--guidance"
     if guidance is None:
-        guidance = BUILTIN_MODELS[request.base].guidance_scale if request.base in BUILTIN_MODELS else 7.5
+        guidance, source = default_guidance(request)
+    print(f"pimg: guidance {guidance:g} ({source})")
     out = Path(request.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -125,3 +127,20 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"pimg: wrote {len(written)} images and settings.json to {out}")
     return written
+
+
+def default_guidance(request: GenerateRequest) -> tuple[float, str]:
+    """The guidance when none is given, and where it comes from: the lowest one the loaded subject
+    results recorded (`lowest_recorded_guidance`; LoRAs, embeddings, a DreamBooth base), else the base's."""
+    from pimg.models import BUILTIN_MODELS
+    from pimg.subject_training import lowest_recorded_guidance
+
+    sources = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
+    if Path(request.base).is_dir():
+        sources.append(request.base)
+    recorded = lowest_recorded_guidance(sources)
+    if recorded:
+        return recorded[0], f"recorded by {recorded[1]}"
+    if request.base in BUILTIN_MODELS:
+        return BUILTIN_MODELS[request.base].guidance_scale, f"{request.base}'s recommendation"
+    return 7.5, "the Stable Diffusion default"

@@ -56,7 +56,10 @@ class SubjectConfig:
         sample_prompts: prompts of the sample grid (placeholders as in `prompt_template`).
         sample_images: images per sample prompt.
         num_inference_steps: denoising steps for samples.
-        guidance_scale: classifier-free guidance for samples; None takes the base's recommendation.
+        guidance_scale: classifier-free guidance recommended for the trained subject: the sample
+            grid uses it, the model card and `config.json` record it, and `pimg generate` and
+            `pimg eval toysubject` use it when no guidance is given (see `recorded_guidance`).
+            None takes the base's recommendation.
     """
 
     base: str = "tiny"
@@ -128,6 +131,36 @@ def recommended_guidance(base: str) -> float:
     from pimg.models import BUILTIN_MODELS
 
     return BUILTIN_MODELS[base].guidance_scale if base in BUILTIN_MODELS else 7.5
+
+
+def recorded_guidance(path: str | Path) -> float | None:
+    """The guidance a pimg subject training recorded for its result, or None.
+
+    `path` is a training output folder (a DreamBooth model) or a file inside one (a LoRA or an
+    embedding); the value is `guidance_scale` of the `config.json` training wrote beside it. Files
+    from elsewhere (no such config) give None.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        record = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    # Only a subject training's config: a diffusers model folder has its own config.json.
+    if not isinstance(record, dict) or not {"token", "class_noun", "guidance_scale"} <= record.keys():
+        return None
+    value = record["guidance_scale"]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def lowest_recorded_guidance(paths) -> tuple[float, str] | None:
+    """(guidance, path) of the lowest `recorded_guidance` among subject results, or None if none records one.
+
+    The lowest wins because a subject loses fidelity above its own recommendation (on `tiny`, a LoRA
+    measured 0.78 at guidance 1 and 0.61 at 5), so the lowest keeps every subject at or below its own.
+    """
+    recorded = [(value, str(path)) for path in paths if (value := recorded_guidance(path)) is not None]
+    return min(recorded) if recorded else None
 
 
 class SubjectTraining:
@@ -260,11 +293,20 @@ class SubjectTraining:
 
     # ------------------------------------------------------------------------------------------ output
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, seed: int = 0) -> list[np.ndarray]:
-        """n uint8 images per prompt from the current weights (image k of a prompt uses seed + k)."""
+    def guidance(self) -> float:
+        """The classifier-free guidance of the samples, and the one recommended for the result."""
         guidance = self.config.guidance_scale
-        guidance = recommended_guidance(self.config.base) if guidance is None else guidance
+        return recommended_guidance(self.config.base) if guidance is None else guidance
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], n: int, seed: int = 0, guidance: float | None = None
+    ) -> list[np.ndarray]:
+        """n uint8 images per prompt from the current weights (image k of a prompt uses seed + k).
+
+        guidance: None takes `self.guidance()`.
+        """
+        guidance = self.guidance() if guidance is None else guidance
         images = []
         for prompt in prompts:
             generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
@@ -306,6 +348,7 @@ class SubjectTraining:
             f"| token | `{c.token}` |",
             f"| class noun | `{c.class_noun}` |",
             f"| training steps | {steps} |",
+            f"| recommended guidance | {self.guidance()} |",
             f"| photos | {len(self.photos)} at {self.resolution} px |",
             f"| files | {', '.join(f'`{f}`' for f in files)} |",
             "",

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Fewer sample and class-image denoising steps keep the trainings in these tests short.
 FAST = {
     "lora": {"num_inference_steps": 4},
-    "ti": {"num_inference_steps": 4},
-    "dreambooth": {"num_inference_steps": 4, "num_class_images": 4},
+    "ti": {"num_inference_steps": 4, "guidance_scale": 2.0},
+    "dreambooth": {"num_inference_steps": 4, "num_class_images": 4, "guidance_scale": 2.0},
 }
 CHROMIUM_ARGS = [
     "--headless",
@@ -338,6 +338,8 @@ def test_other_methods_save_subjects_that_generate(tmp_path, random_tiny_dir, me
             session, BASE_CHOICE, [("mine", 1.0)], "a <sks> star", num_inference_steps=2, num_images=1
         )
         assert generated.settings[0]["parts"][0]["token"] == "<sks>"
+    # No guidance given: the one the subject's training recorded, not the base's 7.5.
+    assert generated.settings[0]["guidance_scale"] == 2.0
     assert backend.pipeline().parts == {}  # the shared pipeline is left bare for the next person
     with pytest.raises(InputError, match="already exists"):
         list(backend.personalize(session, photos, method, token, "star", 1, "mine"))

@@ -19,8 +19,10 @@ from pimg.trainers.toy_base import ToyBaseConfig
 
 from pimg.config import load_config
 from pimg.errors import InputError, TrainingError
+from pimg.generate import GenerateRequest, default_guidance
 from pimg.photos import save_photos
 from pimg.safetensors_io import read_safetensors
+from pimg.subject_training import recorded_guidance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -56,6 +58,7 @@ def fast_config(method: str, base: Path, photos: Path, out: Path, **overrides):
         "sample_images": 1,
         "num_inference_steps": 2,
         "sample_prompts": ["a {token} {class_noun}"],
+        "guidance_scale": 1.5,
     }
     return load_train_config(method, None, {**values, **overrides})
 
@@ -87,6 +90,19 @@ def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path)
     assert config.token in card and "star" in card and "| training steps | 2 |" in card
     assert "samples/sample_0000002.png" in card and (out / "samples" / "sample_0000002.png").is_file()
     assert '"class_noun": "star"' in (out / "config.json").read_text()
+    # The recommended guidance travels with the result and is what `pimg generate` picks by default.
+    assert "| recommended guidance | 1.5 |" in card
+    assert recorded_guidance(out) == 1.5 and recorded_guidance(random_tiny_dir / "unet") is None
+    if method == "dreambooth":
+        request, source = GenerateRequest(base=str(out)), str(out)
+    elif method == "lora":
+        source = str(out / "pytorch_lora_weights.safetensors")
+        request = GenerateRequest(base=str(random_tiny_dir), loras=[(source, 1.0)])
+    else:
+        source = str(out / "learned_embeds.safetensors")
+        request = GenerateRequest(base=str(random_tiny_dir), embeddings=[(source, None)])
+    assert default_guidance(request) == (1.5, f"recorded by {source}")
+    assert default_guidance(GenerateRequest(base=str(random_tiny_dir)))[0] == 7.5
 
     if method == "dreambooth":
         pipe = plain_pipeline(out)
@@ -98,6 +114,7 @@ def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path)
         assert len(list((out / "class_images").glob("photo_*.png"))) == 3
         manifest = json.loads((out / "class_images" / "manifest.json").read_text())
         assert manifest["prompts"] == ["a star on a red background", "a star"] and manifest["count"] == 3
+        assert manifest["guidance_scale"] == 7.5  # the base's own, not the subject's recommended 1.5
     else:
         pipe = plain_pipeline(random_tiny_dir)
     if method == "lora":
@@ -325,7 +342,9 @@ def test_eval_toysubject_smoke(random_tiny_dir, tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = evaluate_subjects(config, overrides={"sample_images": 0}, progress=False)
+        report = evaluate_subjects(
+            config, overrides={"sample_images": 0, "guidance_scale": 1.5}, progress=False
+        )
     row = report["subjects"][0]
     assert set(report["mean"]) == {
         "fidelity",
@@ -335,6 +354,7 @@ def test_eval_toysubject_smoke(random_tiny_dir, tmp_path):
         "train_seconds",
     }
     assert 0.0 <= row["fidelity"] <= 1.0 and 0.0 <= row["background_accuracy"] <= 1.0
+    assert row["guidance_scale"] == 1.5  # the method config's recommendation, not the base's 7.5
     assert (tmp_path / "eval" / "report.json").is_file() and (tmp_path / "eval" / "samples.png").is_file()
 
 

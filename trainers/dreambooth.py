@@ -21,7 +21,13 @@ from pimg.trainers.loop import LoopConfig
 from pimg.errors import InputError
 from pimg.models import weights_fingerprint
 from pimg.photos import load_photos, save_photos
-from pimg.subject_training import SubjectBatch, SubjectConfig, SubjectTraining, epoch_indices
+from pimg.subject_training import (
+    SubjectBatch,
+    SubjectConfig,
+    SubjectTraining,
+    epoch_indices,
+    recommended_guidance,
+)
 
 
 @dataclass
@@ -100,6 +106,9 @@ class DreamBoothMethod(SubjectTraining):
         from accelerate import PartialState
 
         c = self.config
+        # The base's own guidance: class images show what the base draws, whatever guidance the
+        # subject is recommended at (`guidance_scale`).
+        guidance = recommended_guidance(c.base)
         want = {
             "base": c.base,
             # The name alone would keep serving images of a base since retrained under that name.
@@ -107,7 +116,7 @@ class DreamBoothMethod(SubjectTraining):
             "prompts": [self.prompt(p) for p in c.class_prompts],
             "resolution": self.resolution,
             "num_inference_steps": c.num_inference_steps,
-            "guidance_scale": c.guidance_scale,
+            "guidance_scale": guidance,
         }
         manifest = folder / "manifest.json"
         state = PartialState()
@@ -124,7 +133,9 @@ class DreamBoothMethod(SubjectTraining):
                     for start in range(0, len(wanted), 8):  # 8 per call bounds memory at any size
                         chunk = wanted[start : start + 8]
                         for i, image in zip(
-                            chunk, self.generate([prompt], len(chunk), seed=100_000 + chunk[0]), strict=True
+                            chunk,
+                            self.generate([prompt], len(chunk), 100_000 + chunk[0], guidance),
+                            strict=True,
                         ):
                             images[i] = image
                 save_photos(folder, images)

@@ -52,7 +52,9 @@ class ToySubjectEvalConfig:
         photos_per_subject: training photos per subject.
         photo_seed: seed of `Subject.photos`.
         caption_backgrounds: give each photo the caption `a {token} {class_noun} on a <bg> background`.
-        num_inference_steps, guidance_scale: generation settings (None: the base's recommendation).
+        num_inference_steps, guidance_scale: generation settings. guidance None: the one the method's
+            training config recommends for its result (its `guidance_scale`), else the base's; the
+            base and drift images use the same guidance, so the three fidelities compare.
         seed: seed of the first generated image of each prompt.
         out_dir: report, sample grid and per-subject runs; None: `out/eval-toysubject-<method>`.
     """
@@ -135,12 +137,14 @@ def evaluate_subject(
     from pimg.subject_training import recommended_guidance
     from pimg.toyworld.checker import read_background
 
-    guidance = (
-        config.guidance_scale if config.guidance_scale is not None else recommended_guidance(config.base)
-    )
     run_dir = out / subject.name
     shutil.rmtree(run_dir / "result", ignore_errors=True)
     train_method, train_config = method_config(config, subject, run_dir, overrides)
+    guidance = next(
+        g
+        for g in (config.guidance_scale, train_config.guidance_scale, recommended_guidance(config.base))
+        if g is not None
+    )
     photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
     captions = None
     if config.caption_backgrounds:
@@ -167,6 +171,7 @@ def evaluate_subject(
         "base_background_accuracy": base_background,
         "drift_fidelity": drift,
         "train_seconds": train_seconds,
+        "guidance_scale": guidance,
         "train_config": config_record(train_config),
     }
     per_bg = config.images_per_background
@@ -238,6 +243,7 @@ def _format_row(row: dict) -> str:
     return (
         f"{row['subject']:28s} fidelity {row['fidelity']:.3f}  background {100 * row['background_accuracy']:5.1f}%  "
         f"base {row['base_fidelity']:.3f}  drift {row['drift_fidelity']:.3f}  train {row['train_seconds']:5.1f} s"
+        + (f"  guidance {row['guidance_scale']:g}" if "guidance_scale" in row else "")
     )
 
 
