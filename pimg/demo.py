@@ -182,9 +182,9 @@ class DemoBackend:
             return self._pipelines[base]
 
     def guidance_default(self) -> float:
-        from pimg.models import BUILTIN_MODELS
+        from pimg.models import recommended_guidance
 
-        return BUILTIN_MODELS[self.base].guidance_scale if self.base in BUILTIN_MODELS else 7.5
+        return recommended_guidance(self.base)
 
     # -------------------------------------------------------------------------------------- personalize
 

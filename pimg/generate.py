@@ -132,7 +132,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
 def default_guidance(request: GenerateRequest) -> tuple[float, str]:
     """The guidance when none is given, and where it comes from: the lowest one the loaded subject
     results recorded (`lowest_recorded_guidance`; LoRAs, embeddings, a DreamBooth base), else the base's."""
-    from pimg.models import BUILTIN_MODELS
+    from pimg.models import BUILTIN_MODELS, recommended_guidance
     from pimg.subject_training import lowest_recorded_guidance
 
     sources = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
@@ -141,6 +141,9 @@ def default_guidance(request: GenerateRequest) -> tuple[float, str]:
     recorded = lowest_recorded_guidance(sources)
     if recorded:
         return recorded[0], f"recorded by {recorded[1]}"
-    if request.base in BUILTIN_MODELS:
-        return BUILTIN_MODELS[request.base].guidance_scale, f"{request.base}'s recommendation"
-    return 7.5, "the Stable Diffusion default"
+    source = (
+        f"{request.base}'s recommendation"
+        if request.base in BUILTIN_MODELS
+        else "the Stable Diffusion default"
+    )
+    return recommended_guidance(request.base), source

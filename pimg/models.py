@@ -193,3 +193,8 @@ def weights_fingerprint(*modules: torch.nn.Module, samples: int = 16) -> str:
             digest.update(flat.double().sum().cpu().numpy().tobytes())
             digest.update(picks.double().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def recommended_guidance(base: str) -> float:
+    """The classifier-free guidance `base` is best sampled at: a built-in's own, else SD's usual 7.5."""
+    return BUILTIN_MODELS[base].guidance_scale if base in BUILTIN_MODELS else 7.5

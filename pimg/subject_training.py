@@ -32,6 +32,7 @@ from pimg.diffusion_training import (
 )
 from pimg.errors import InputError
 from pimg.imaging import grid
+from pimg.models import recommended_guidance
 
 
 @dataclass
@@ -95,6 +96,10 @@ class SubjectConfig:
                 "token; e.g. 'a {token} {class_noun}'."
             )
 
+    def recommended_guidance(self) -> float:
+        """The classifier-free guidance of the samples, and the one recommended for the result."""
+        return recommended_guidance(self.base) if self.guidance_scale is None else self.guidance_scale
+
     def check_required(self) -> None:
         """The fields with no usable default, checked when training starts."""
         if not self.photos:
@@ -125,12 +130,6 @@ def epoch_indices(
         epoch, position = divmod(g, n_items)
         out.append(int(np.random.default_rng([seed, epoch]).permutation(n_items)[position]))
     return out
-
-
-def recommended_guidance(base: str) -> float:
-    from pimg.models import BUILTIN_MODELS
-
-    return BUILTIN_MODELS[base].guidance_scale if base in BUILTIN_MODELS else 7.5
 
 
 def recorded_guidance(path: str | Path) -> float | None:
@@ -293,20 +292,15 @@ class SubjectTraining:
 
     # ------------------------------------------------------------------------------------------ output
 
-    def guidance(self) -> float:
-        """The classifier-free guidance of the samples, and the one recommended for the result."""
-        guidance = self.config.guidance_scale
-        return recommended_guidance(self.config.base) if guidance is None else guidance
-
     @torch.no_grad()
     def generate(
         self, prompts: list[str], n: int, seed: int = 0, guidance: float | None = None
     ) -> list[np.ndarray]:
         """n uint8 images per prompt from the current weights (image k of a prompt uses seed + k).
 
-        guidance: None takes `self.guidance()`.
+        guidance: None takes `self.config.recommended_guidance()`.
         """
-        guidance = self.guidance() if guidance is None else guidance
+        guidance = self.config.recommended_guidance() if guidance is None else guidance
         images = []
         for prompt in prompts:
             generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
@@ -348,7 +342,7 @@ class SubjectTraining:
             f"| token | `{c.token}` |",
             f"| class noun | `{c.class_noun}` |",
             f"| training steps | {steps} |",
-            f"| recommended guidance | {self.guidance()} |",
+            f"| recommended guidance | {c.recommended_guidance()} |",
             f"| photos | {len(self.photos)} at {self.resolution} px |",
             f"| files | {', '.join(f'`{f}`' for f in files)} |",
             "",

@@ -19,15 +19,9 @@ import torch
 from pimg.trainers.loop import LoopConfig
 
 from pimg.errors import InputError
-from pimg.models import weights_fingerprint
+from pimg.models import recommended_guidance, weights_fingerprint
 from pimg.photos import load_photos, save_photos
-from pimg.subject_training import (
-    SubjectBatch,
-    SubjectConfig,
-    SubjectTraining,
-    epoch_indices,
-    recommended_guidance,
-)
+from pimg.subject_training import SubjectBatch, SubjectConfig, SubjectTraining, epoch_indices
 
 
 @dataclass

@@ -134,17 +134,13 @@ def evaluate_subject(
     from pimg.trainers.personalize import train
 
     from pimg.photos import save_photos
-    from pimg.subject_training import recommended_guidance
     from pimg.toyworld.checker import read_background
 
     run_dir = out / subject.name
     shutil.rmtree(run_dir / "result", ignore_errors=True)
     train_method, train_config = method_config(config, subject, run_dir, overrides)
-    guidance = next(
-        g
-        for g in (config.guidance_scale, train_config.guidance_scale, recommended_guidance(config.base))
-        if g is not None
-    )
+    guidance = config.guidance_scale
+    guidance = train_config.recommended_guidance() if guidance is None else guidance
     photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
     captions = None
     if config.caption_backgrounds:
