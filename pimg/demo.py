@@ -150,14 +150,17 @@ class DemoBackend:
         space = self.space(session_id)
         return [space.store.load(name) for name in space.store.names()]
 
-    @staticmethod
-    def method_defaults(label: str) -> tuple[str, int]:
-        """(default token, default steps) of a method, from its trainer config."""
-        from pimg.trainers.personalize import method_classes
+    def method_defaults(self, label: str) -> tuple[str, int]:
+        """(default token, default steps) of a method: its config as `personalize` starts from it."""
+        config = self._train_config(_method(label), {})
+        return config.token, config.loop.steps
 
-        config_cls, _ = method_classes(_method(label))
-        defaults = config_cls()
-        return defaults.token, defaults.loop.steps
+    def _train_config(self, trainer: str, overrides: dict):
+        """The base's preset for `trainer` if it has one (else the defaults) <- train_settings <- overrides."""
+        from pimg.trainers.personalize import builtin_preset, load_train_config
+
+        preset = builtin_preset(trainer, self.base)
+        return load_train_config(trainer, preset, {**self.train_settings.get(trainer, {}), **overrides})
 
     # -------------------------------------------------------------------------------------- models
 
@@ -204,7 +207,6 @@ class DemoBackend:
         Training runs in a worker thread (in this context, so `gr.Progress(track_tqdm=True)` follows its
         progress bar) while this generator shows each new sample grid as it is written.
         """
-        from pimg.trainers.personalize import load_train_config
 
         space = self.space(session_id)
         trainer = _method(method)
@@ -234,7 +236,7 @@ class DemoBackend:
             if trainer == "dreambooth":
                 overrides["class_images_dir"] = str(self._class_images_dir(class_noun))
                 note = " First the base draws images of the bare class (prior preservation; once per class noun)."
-            config = load_train_config(trainer, None, {**self.train_settings.get(trainer, {}), **overrides})
+            config = self._train_config(trainer, overrides)
             if progress is not None:
                 progress(0, desc="loading the base model")
             yield TrainUpdate(

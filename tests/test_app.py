@@ -201,6 +201,25 @@ def test_bad_upload_becomes_a_page_message(tmp_path):
     assert backend._pipelines == {}  # rejected before any model was touched
 
 
+def test_demo_trains_from_the_builtin_base_preset(tmp_path, random_tiny_dir):
+    from pimg.trainers.lora import LoraTrainConfig
+    from pimg.trainers.personalize import CONFIGS, builtin_preset
+
+    from pimg.config import load_config
+
+    preset = load_config(LoraTrainConfig, CONFIGS / "lora_tiny.yaml")
+    assert preset.batch_size != LoraTrainConfig().batch_size  # else this test could not tell them apart
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu", {"lora": {"rank": 2}})
+    config = backend._train_config("lora", {"class_noun": "star"})
+    assert (config.batch_size, config.loop.learning_rate) == (preset.batch_size, preset.loop.learning_rate)
+    assert config.rank == 2  # the demo's own settings still win over the preset
+    assert backend.method_defaults("LoRA") == (preset.token, preset.loop.steps)
+    # A base folder has no preset: the dataclass defaults, as before.
+    assert builtin_preset("lora", str(random_tiny_dir)) is None
+    folder_backend = DemoBackend(str(random_tiny_dir), tmp_path / "out2", "cpu")
+    assert folder_backend._train_config("lora", {}).batch_size == LoraTrainConfig().batch_size
+
+
 def test_error_decorator():
     import gradio as gr
 

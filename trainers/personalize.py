@@ -26,6 +26,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "ti": ("ti", "TiTrainConfig", "TextualInversionMethod"),
 }
 
+#: The method presets; `configs/<method>_<built-in base>.yaml` is the tuned preset of a built-in base.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def list_methods() -> list[str]:
     """The names `train` accepts."""
@@ -39,6 +42,19 @@ def method_classes(method: str) -> tuple[type, type]:
     module_name, config_name, method_name = METHODS[method]
     module = importlib.import_module(f"pimg.trainers.{module_name}")
     return getattr(module, config_name), getattr(module, method_name)
+
+
+def builtin_preset(method: str, base: str) -> Path | None:
+    """`configs/<method>_<base>.yaml` when `base` is a built-in model with a preset for `method`.
+
+    Front ends that train without asking for a YAML (the demo) start from it, so a subject trained
+    there gets the settings the toy evaluation measured, not the dataclass defaults. Presets sit
+    beside the code in a source checkout; an installed wheel has none and gets None.
+    """
+    from pimg.models import BUILTIN_MODELS
+
+    path = CONFIGS / f"{method}_{base}.yaml"
+    return path if base in BUILTIN_MODELS and path.is_file() else None
 
 
 def load_train_config(method: str, path: str | Path | None = None, overrides: dict | None = None):

@@ -35,8 +35,6 @@ EVAL_METHODS: dict[str, tuple[str, dict]] = {
     "dreambooth-noprior": ("dreambooth", {"prior_preservation": False}),
 }
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 @dataclass
 class ToySubjectEvalConfig:
@@ -84,7 +82,7 @@ class ToySubjectEvalConfig:
 
 def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, overrides: dict):
     """The training config of one subject: preset <- method overrides <- eval settings <- user overrides."""
-    from pimg.trainers.personalize import load_train_config
+    from pimg.trainers.personalize import CONFIGS, load_train_config
 
     train_method, method_overrides = EVAL_METHODS[config.method]
     preset = config.method_config or CONFIGS / f"{train_method}_tiny.yaml"
