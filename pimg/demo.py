@@ -345,10 +345,10 @@ class DemoBackend:
         if guidance_scale is not None:
             guidance = float(guidance_scale)
         else:  # what the chosen subjects' trainings recommend, else the base's
-            from pimg.subject_training import lowest_recorded_guidance
+            from pimg.subject_training import guidance_without_choice
 
-            recorded = lowest_recorded_guidance(space.store.path(s, s.weights) for s, _ in picks)
-            guidance = recorded[0] if recorded else self.guidance_default()
+            subjects = [space.store.path(s, s.weights) for s, _ in picks]
+            guidance, _ = guidance_without_choice(self.base, subjects)
         with self._generate_lock:
             pipe = self.pipeline(base)
             try:

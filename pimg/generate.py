@@ -130,20 +130,9 @@ def run_generate(request: GenerateRequest) -> list[Path]:
 
 
 def default_guidance(request: GenerateRequest) -> tuple[float, str]:
-    """The guidance when none is given, and where it comes from: the lowest one the loaded subject
-    results recorded (`lowest_recorded_guidance`; LoRAs, embeddings, a DreamBooth base), else the base's."""
-    from pimg.models import BUILTIN_MODELS, recommended_guidance
-    from pimg.subject_training import lowest_recorded_guidance
+    """The guidance when none is given, and where it comes from (`guidance_without_choice` of the
+    request's LoRAs and embeddings on its base)."""
+    from pimg.subject_training import guidance_without_choice
 
-    sources = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
-    if Path(request.base).is_dir():
-        sources.append(request.base)
-    recorded = lowest_recorded_guidance(sources)
-    if recorded:
-        return recorded[0], f"recorded by {recorded[1]}"
-    source = (
-        f"{request.base}'s recommendation"
-        if request.base in BUILTIN_MODELS
-        else "the Stable Diffusion default"
-    )
-    return recommended_guidance(request.base), source
+    subjects = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
+    return guidance_without_choice(request.base, subjects)

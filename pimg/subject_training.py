@@ -162,6 +162,22 @@ def lowest_recorded_guidance(paths) -> tuple[float, str] | None:
     return min(recorded) if recorded else None
 
 
+def guidance_without_choice(base: str, subjects) -> tuple[float, str]:
+    """(guidance, where it comes from) when the user gives none: the lowest the loaded subject results
+    recorded (`subjects`, and `base` when it is a folder such as a DreamBooth result), else the base's.
+
+    `pimg generate` and the demo both call this, so a subject is sampled alike from either.
+    """
+    from pimg.models import BUILTIN_MODELS
+
+    sources = list(subjects) + ([base] if Path(base).is_dir() else [])
+    recorded = lowest_recorded_guidance(sources)
+    if recorded:
+        return recorded[0], f"recorded by {recorded[1]}"
+    source = f"{base}'s recommendation" if base in BUILTIN_MODELS else "the Stable Diffusion default"
+    return recommended_guidance(base), source
+
+
 class SubjectTraining:
     """Base of the subject methods: subclasses set up what they train, then call `finish_setup()`.
 
