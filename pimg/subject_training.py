@@ -32,7 +32,7 @@ from pimg.diffusion_training import (
 )
 from pimg.errors import InputError
 from pimg.imaging import grid
-from pimg.models import recommended_guidance
+from pimg.models import BUILTIN_MODELS, recommended_guidance
 
 
 @dataclass
@@ -168,8 +168,6 @@ def guidance_without_choice(base: str, subjects) -> tuple[float, str]:
 
     `pimg generate` and the demo both call this, so a subject is sampled alike from either.
     """
-    from pimg.models import BUILTIN_MODELS
-
     sources = list(subjects) + ([base] if Path(base).is_dir() else [])
     recorded = lowest_recorded_guidance(sources)
     if recorded:
