@@ -107,6 +107,7 @@ def denoising_loss(
     *,
     noise_offset: float = 0.0,
     min_snr_gamma: float | None = None,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The per-example latent diffusion loss: noise the latents at random timesteps, predict, compare.
 
@@ -123,6 +124,9 @@ def denoising_loss(
         noise_offset: std of a per-channel constant added to the noise (Guttenberg 2023), so flat
             colours far from the mean stay reachable.
         min_snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023); None or 0 turns it off.
+        pixel_weights: optional weights [N, 1, h, w] at latent resolution (a masked loss): each
+            example's loss is its weighted mean over latent pixels, so its scale does not depend on
+            how much of the image the weights cover.
 
     Returns:
         Loss per example [N] (float32); methods weight and average it.
@@ -147,7 +151,17 @@ def denoising_loss(
         conditioning.prompt_embeds,
         added_cond_kwargs=conditioning.added_cond_kwargs(),
     ).sample
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if pixel_weights is None:
+        per_example = squared_error.mean(dim=(1, 2, 3))
+    else:
+        if pixel_weights.shape != (n, 1, *latents.shape[2:]):
+            raise ValueError(
+                f"pixel_weights must have shape {(n, 1, *latents.shape[2:])} (one weight per latent pixel); "
+                f"got {tuple(pixel_weights.shape)}"
+            )
+        weights = pixel_weights.to(squared_error)
+        per_example = (squared_error * weights).mean(dim=1).sum(dim=(1, 2)) / weights.sum(dim=(1, 2, 3))
     if min_snr_gamma:
         alphas = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
         snr = alphas / (1 - alphas)

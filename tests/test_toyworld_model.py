@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,74 @@ def test_unet_init_that_is_not_a_model_folder_is_refused_before_any_loading(tmp_
     )
     with pytest.raises(TrainingError, match="not a finished model folder"):
         train_base(config, progress=False)
+
+
+def test_object_loss_weight_weighs_the_latent_pixels_under_objects():
+    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
+
+    from pimg.errors import TrainingError
+    from pimg.toyworld.render import render_scene
+    from pimg.toyworld.scene import ObjectSpec, Scene
+
+    scene = Scene("green", (ObjectSpec("square", "red", None, "solid", "small", "left"),))
+    image = render_scene(scene, noise=0)
+    stage = UnetStage.__new__(UnetStage)  # only the weighting is under test: no models needed
+    stage.config = ToyBaseConfig(object_loss_weight=3.0)
+    weights = stage._pixel_weights(image[None], [scene], 16)[0, 0]
+    rows, cols = np.nonzero(image.astype(int).sum(-1) != image[0, 0].astype(int).sum())
+    # Every latent pixel (4x4 image pixels) holding an object pixel weighs 4, all others 1.
+    expected = torch.ones(16, 16)
+    expected[rows // 4, cols // 4] = 4.0
+    assert torch.equal(weights, expected)
+    assert 0 < (weights == 4).sum() < 40  # a small object on the left: a few latent pixels
+    stage.config = ToyBaseConfig()
+    assert stage._pixel_weights(image[None], [scene], 16) is None
+    with pytest.raises(TrainingError, match="object_loss_weight"):
+        ToyBaseConfig(object_loss_weight=-1)
+
+
+def test_denoising_loss_with_pixel_weights_is_the_weighted_mean_of_the_squared_error():
+    from diffusers import DDPMScheduler
+
+    from pimg.diffusion_training import Conditioning, denoising_loss
+
+    class Echo(torch.nn.Module):
+        """Predicts its input: the squared error is then known in closed form from the same draws."""
+
+        def forward(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+            return type("Out", (), {"sample": sample})()
+
+    scheduler = DDPMScheduler(prediction_type="sample")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = Conditioning(torch.zeros(2, 3, 16))
+    plain = denoising_loss(Echo(), scheduler, latents, conditioning, torch.Generator().manual_seed(1))
+    ones = denoising_loss(
+        Echo(),
+        scheduler,
+        latents,
+        conditioning,
+        torch.Generator().manual_seed(1),
+        pixel_weights=torch.ones(2, 1, 8, 8),
+    )
+    assert torch.allclose(plain, ones)
+    # All weight on one latent pixel: the loss is that pixel's squared error, averaged over channels.
+    one_pixel = torch.zeros(2, 1, 8, 8)
+    one_pixel[:, :, 3, 5] = 2.0
+    focused = denoising_loss(
+        Echo(), scheduler, latents, conditioning, torch.Generator().manual_seed(1), pixel_weights=one_pixel
+    )
+    draws = torch.Generator().manual_seed(1)  # the loss's own draws, in its order: noise, then timesteps
+    noise = torch.randn(latents.shape, generator=draws)
+    timesteps = torch.randint(0, 1000, (2,), generator=draws)
+    error = (scheduler.add_noise(latents, noise, timesteps) - latents) ** 2
+    assert torch.allclose(focused, error[:, :, 3, 5].mean(dim=1))
+    assert torch.allclose(plain, error.mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="one weight per latent pixel"):
+        denoising_loss(
+            Echo(),
+            scheduler,
+            latents,
+            conditioning,
+            torch.Generator().manual_seed(1),
+            pixel_weights=torch.ones(2, 8, 8),
+        )
