@@ -166,7 +166,8 @@ def _add_train_parser(sub) -> None:
         "--init-word",
         dest="cfg.init_word",
         metavar="WORD",
-        help="word the token starts from (default: class noun)",
+        help="word the token starts from (default: class noun); a phrase of exactly N tokens "
+        "gives each of N vectors its own word",
     )
     train.set_defaults(func=cmd_train)
 

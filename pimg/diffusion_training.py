@@ -319,6 +319,10 @@ class NewTokens:
             raise InputError(
                 f"init_word {init_word!r} tokenizes to nothing; pick a word such as the class noun."
             )
+        if n > 1 and len(ids) == n:
+            # A phrase of exactly n tokens ("red and blue striped" for 4 vectors): vector i starts as
+            # token i, so the new token first reads as that phrase.
+            return weight[ids].clone()
         # A word of several tokens starts from their mean, so every vector begins at the word's meaning.
         return weight[ids].mean(0, keepdim=True).repeat(n, 1)
 

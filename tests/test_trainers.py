@@ -280,6 +280,24 @@ def test_new_token_learning_refuses_existing_word(random_tiny_dir, photos_dir, t
         train("lora", fast_config("lora", random_tiny_dir, photos_dir, tmp_path / "x", class_noun=""))
 
 
+def test_new_tokens_start_from_a_phrase_one_word_per_vector(random_tiny_dir):
+    from pimg.diffusion_training import NewTokens
+
+    pipe = plain_pipeline(random_tiny_dir)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    ids = pipe.tokenizer.convert_tokens_to_ids(["red</w>", "and</w>", "blue</w>", "striped</w>"])
+    phrase = NewTokens(
+        pipe.tokenizer, pipe.text_encoder, "<four>", n_vectors=4, init_word="red and blue striped"
+    )
+    assert torch.equal(phrase.vectors.detach(), table[ids])
+    # A phrase whose length is not the vector count: every vector starts from the phrase's mean.
+    fresh = plain_pipeline(random_tiny_dir)
+    mean = NewTokens(
+        fresh.tokenizer, fresh.text_encoder, "<two>", n_vectors=2, init_word="red and blue striped"
+    )
+    assert torch.allclose(mean.vectors.detach(), table[ids].mean(0, keepdim=True).repeat(2, 1))
+
+
 def test_new_tokens_train_only_their_rows(random_tiny_dir):
     from pimg.diffusion_training import NewTokens, TextConditioner
 

@@ -42,7 +42,8 @@ class LoraTrainConfig(SubjectConfig):
         pivotal: learn new token embedding(s) for `token` along with the LoRA; `token` must then be
             a new word (e.g. "<sks>").
         n_vectors: vectors of the new token (pivotal only).
-        init_word: word the new vectors start from; None: the class noun.
+        init_word: word the new vectors start from; None: the class noun (a phrase of exactly n_vectors
+            tokens starts vector i at token i).
         embedding_learning_rate: learning rate of the new vectors (the LoRA uses `loop.learning_rate`).
         adapter_name: the peft adapter's name.
         loop: the training loop's settings.

@@ -28,7 +28,8 @@ class TiTrainConfig(SubjectConfig):
     Attributes:
         token: the new word; it must not be in the tokenizer yet (hence the brackets).
         n_vectors: vectors the word is made of (more capture more detail, and overfit sooner).
-        init_word: word the vectors start from; None: the class noun.
+        init_word: word the vectors start from; None: the class noun. A phrase of exactly n_vectors
+            tokens ("red and blue striped" for 4) starts vector i at token i.
         loop: the training loop's settings (TI wants a far higher learning rate than weight tuning).
     """
 
