@@ -3,8 +3,9 @@
 For each of the first 5 toy evaluation subjects and each phrase made of the subject's colours in the
 caption grammar (one colour, or `c1 and c2 {striped,dotted,checkered}`; "" is the class noun alone),
 prints the denoising loss of the subject's 4 photos under `a {phrase} {class noun} on a {bg} background`
-(the objective TI minimises; every phrase on the same noise and timesteps) beside the subject fidelity
-of images the base draws from that phrase (guidance 5, 2 seeds per background the subject may be on).
+(the objective TI minimises, with its preset's loss settings; every phrase on the same noise and
+timesteps) beside the subject fidelity of images the base draws from that phrase, scored as
+`pimg eval toysubject` scores (guidance 5, 2 seeds per background the subject may be on).
 
 A diagnosis, not a method: the phrases use the subjects' known colours, which no user-facing code may.
 
@@ -18,10 +19,12 @@ import itertools
 
 import numpy as np
 import torch
+from pimg.trainers.personalize import builtin_preset, load_train_config
+from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, score
 
 from pimg.diffusion_training import TextConditioner, denoising_loss, encode_latents, training_noise_scheduler
-from pimg.models import load_base
-from pimg.toyworld.checker import read_background, subject_fidelity
+from pimg.pipeline import PersonalizedPipeline
+from pimg.toyworld.checker import read_background
 from pimg.toyworld.subjects import EVAL_SUBJECTS
 
 
@@ -31,8 +34,8 @@ def phrases_of(subject) -> list[str]:
     return ["", *subject.colours, *patterned]
 
 
-def prompt(phrase: str, subject, background: str) -> str:
-    return " ".join(f"a {phrase} {subject.class_noun} on a {background} background".split())
+def described(phrase: str, subject) -> str:
+    return " ".join(f"a {phrase} {subject.class_noun}".split())
 
 
 def main() -> None:
@@ -41,40 +44,38 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=16, help="noise draws per photo in each loss")
     args = parser.parse_args()
 
-    pipe = load_base(args.base)
+    personalized = PersonalizedPipeline.from_base(args.base)
+    pipe = personalized.pipe
     pipe.set_progress_bar_config(disable=True)
+    # TI's loss as its preset trains it on this base (offset noise, Min-SNR); scored as `pimg eval toysubject`.
+    ti = load_train_config("ti", builtin_preset("ti", args.base))
+    eval_config = ToySubjectEvalConfig(method="ti", base=args.base, images_per_background=2)
     noise_scheduler = training_noise_scheduler(pipe.scheduler.config)
     conditioner = TextConditioner.from_pipeline(pipe)
-    rows = []
+    rows, noun_lowest = [], 0
     for subject in list(EVAL_SUBJECTS.values())[:5]:
         photos = subject.photos(4, seed=0)
         photo_backgrounds = [read_background(p) for p in photos]
         latents = encode_latents(pipe.vae, np.stack(photos)).repeat(args.draws, 1, 1, 1)
         scored = []
         for phrase in phrases_of(subject):
+            words = described(phrase, subject)
             with torch.no_grad():
                 cond = conditioner.encode(
-                    [prompt(phrase, subject, bg) for bg in photo_backgrounds] * args.draws
+                    [f"{words} on a {bg} background" for bg in photo_backgrounds] * args.draws
                 )
-                # The offset noise TI trains with on `tiny` (configs/ti_tiny.yaml); one seed for every phrase.
-                generator = torch.Generator().manual_seed(7)
-                loss = float(
-                    denoising_loss(
-                        pipe.unet, noise_scheduler, latents, cond, generator, noise_offset=0.1
-                    ).mean()
+                generator = torch.Generator().manual_seed(7)  # one seed: every phrase on the same noise
+                losses = denoising_loss(
+                    pipe.unet,
+                    noise_scheduler,
+                    latents,
+                    cond,
+                    generator,
+                    noise_offset=ti.noise_offset,
+                    min_snr_gamma=ti.min_snr_gamma,
                 )
-            backgrounds = [bg for bg in subject.backgrounds for _ in range(2)]
-            images = pipe(
-                [prompt(phrase, subject, bg) for bg in backgrounds],
-                num_inference_steps=25,
-                guidance_scale=5,
-                generator=[torch.Generator().manual_seed(1234 + k % 2) for k in range(len(backgrounds))],
-                output_type="np",
-            ).images
-            fidelity = np.mean(
-                [subject_fidelity((im * 255).round().astype(np.uint8), subject) for im in images]
-            )
-            scored.append((phrase, loss, float(fidelity)))
+            _, fidelity, _ = score(personalized, subject, words, eval_config, guidance=5)
+            scored.append((phrase, float(losses.mean()), fidelity))
         by_loss = sorted(scored, key=lambda r: r[1])
         noun = next(r for r in scored if r[0] == "")
         loss_best_phrase = next(r for r in by_loss if r[0])
@@ -85,11 +86,12 @@ def main() -> None:
             f"({loss_best_phrase[0]}), best drawn {drawn_best[2]:.3f} ({drawn_best[0]})",
             flush=True,
         )
-        rows.append((noun[2], loss_best_phrase[2], drawn_best[2], by_loss[0][0] == ""))
-    noun, loss_best, drawn_best, noun_lowest = np.mean(rows, axis=0)
+        rows.append((noun[2], loss_best_phrase[2], drawn_best[2]))
+        noun_lowest += by_loss[0][0] == ""
+    noun, loss_best, drawn_best = np.mean(rows, axis=0)
     print(
         f"MEAN fidelity: class noun alone {noun:.3f}, lowest-loss phrase {loss_best:.3f}, best drawn phrase "
-        f"{drawn_best:.3f}; the class noun alone had the lowest loss for {int(noun_lowest * len(rows))}/{len(rows)} subjects"
+        f"{drawn_best:.3f}; the class noun alone had the lowest loss for {noun_lowest}/{len(rows)} subjects"
     )
 
 
