@@ -125,7 +125,12 @@ class EmbeddingPart(Part):
         pipe.load_textual_inversion({self.token: vectors}, token=self.token)
 
     def detach(self, pipe) -> None:
-        pipe.unload_textual_inversion(self.token)
+        from pimg.embeddings import multi_vector_tokens
+
+        # diffusers unloads only the tokens it is given: an n-vector embedding added `<t>_1`, ... too,
+        # and leaving them would refuse the same file when it is attached again.
+        names = multi_vector_tokens(self.token, int(self.vectors[self.token].shape[0]))
+        pipe.unload_textual_inversion(names)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -228,6 +228,24 @@ def test_textual_inversion_part_and_plain_diffusers(random_tiny_dir, tmp_path):
     assert "zwq" in plain.tokenizer.get_vocab() and "zwq_1" in plain.tokenizer.get_vocab()
 
 
+def test_multi_vector_embedding_detaches_fully_and_attaches_again(random_tiny_dir, tmp_path):
+    from pimg.embeddings import save_embedding
+
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+    vocab_size = len(pp.pipe.tokenizer)
+    torch.manual_seed(0)
+    path = save_embedding(
+        tmp_path / "e.safetensors", "zwq", torch.randn(3, pp.pipe.text_encoder.config.hidden_size)
+    )
+    pp.add(EmbeddingPart(path))
+    with_token = _pixels(pp.generate("a zwq star", seed=0, **FAST))
+    pp.remove("zwq")
+    vocab = pp.pipe.tokenizer.get_vocab()
+    assert not {"zwq", "zwq_1", "zwq_2"} & set(vocab) and len(pp.pipe.tokenizer) == vocab_size
+    pp.add(EmbeddingPart(path))  # the demo re-attaches a subject this way when it is picked again
+    assert np.array_equal(_pixels(pp.generate("a zwq star", seed=0, **FAST)), with_token)
+
+
 def test_embedding_token_already_in_the_tokenizer_is_refused(random_tiny_dir, tmp_path):
     from pimg.embeddings import save_embedding
 
