@@ -20,7 +20,8 @@ from pimg.metrics.dreambench import DEFAULT_TOKEN, BenchSubject, read_dreambench
 from pimg.errors import InputError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+# What `pimg train ti` (and pivotal LoRA) writes: the SD file, its .bin twin from older tools, SDXL's file.
+EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds.bin", "embeddings_sdxl.safetensors")
 
 
 @dataclass

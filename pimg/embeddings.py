@@ -4,7 +4,8 @@ A Textual Inversion embedding is n learned vectors for one new token. diffusers 
 `{token: Tensor[n, dim]}` (`learned_embeds.safetensors` / `.bin`) and, for n > 1, adds the tokens
 `token`, `token_1`, ..., `token_{n-1}` to the tokenizer; A1111 stores
 `{"string_to_param": {"*": Tensor[n, dim]}, "name": token, ...}` in a `.pt`, and some safetensors
-exports hold a single `emb_params` tensor named after the file.
+exports hold a single `emb_params` tensor named after the file. SDXL embeddings hold one part per
+text encoder, `clip_l` and `clip_g` (`read_embedding_vectors` reads every form).
 
 Example:
     >>> vectors = read_embedding_file("my-style.pt")  # {"my-style": Tensor[n, 768]}
@@ -20,9 +21,16 @@ from pathlib import Path
 import torch
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.safetensors_io import read_safetensors, read_torch_weights, write_safetensors_atomically
+from pimg.safetensors_io import (
+    read_safetensors,
+    read_safetensors_metadata,
+    read_torch_weights,
+    write_safetensors_atomically,
+)
 
 DIFFUSERS_EMBEDDING_FILENAME = "learned_embeds.safetensors"
+#: The parts of an SDXL embedding, in the order of the pipeline's text encoders.
+SDXL_ENCODER_KEYS = ("clip_l", "clip_g")
 
 _ACCEPTED_FORMS = (
     "diffusers form ({token: tensor} in learned_embeds.safetensors or .bin), A1111 form (.pt or .safetensors "
@@ -76,6 +84,39 @@ def read_embedding_file(path: str | os.PathLike, token: str | None = None) -> di
     return {token or stored_token: vectors.detach()}
 
 
+def read_embedding_vectors(
+    path: str | os.PathLike, token: str | None = None
+) -> tuple[str, list[torch.Tensor]]:
+    """Read a Textual Inversion file of any accepted form, SDXL's included.
+
+    Returns:
+        (token, vectors per text encoder): one Tensor[n_vectors, dim] for SD 1.x/2.x forms, two
+        (`clip_l`, then `clip_g`) for an SDXL file. An SDXL file's token is `token`, else the one pimg
+        wrote in its metadata, else the file name (as A1111 names SDXL embeddings).
+
+    Example:
+        >>> token, (clip_l, clip_g) = read_embedding_vectors("out/ti/embeddings_sdxl.safetensors")
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        contents = read_safetensors(path, what="embedding file")
+        if set(SDXL_ENCODER_KEYS) <= set(contents):
+            vectors = [contents[key].detach() for key in SDXL_ENCODER_KEYS]
+            vectors = [v.unsqueeze(0) if v.ndim == 1 else v for v in vectors]
+            if any(v.ndim != 2 for v in vectors) or vectors[0].shape[0] != vectors[1].shape[0]:
+                shapes = ", ".join(
+                    f"{k} {list(v.shape)}" for k, v in zip(SDXL_ENCODER_KEYS, vectors, strict=True)
+                )
+                raise ModelLoadError(
+                    f"SDXL embedding file '{path}' needs 'clip_l' and 'clip_g' as [n_vectors, dim] with the same "
+                    f"n_vectors; it holds {shapes}."
+                )
+            stored = read_safetensors_metadata(path, what="embedding file").get("token") or path.stem
+            return token or stored, vectors
+    ((name, vectors),) = read_embedding_file(path, token=token).items()
+    return name, [vectors]
+
+
 def _token_and_vectors(contents: dict, path: Path) -> tuple[str, object]:
     if "string_to_param" in contents:  # A1111
         params = contents["string_to_param"]
@@ -92,10 +133,10 @@ def _token_and_vectors(contents: dict, path: Path) -> tuple[str, object]:
         return path.stem, contents["emb_params"]
     if len(contents) == 1:  # diffusers
         return next(iter(contents.items()))
-    if {"clip_l", "clip_g"} <= set(contents):
+    if set(SDXL_ENCODER_KEYS) <= set(contents):
         raise ModelLoadError(
             f"embedding file '{path}' is an SDXL embedding (one part per text encoder: 'clip_l', 'clip_g'); "
-            "pimg reads single-encoder embeddings only. Use an SD 1.x/2.x embedding."
+            "read it with read_embedding_vectors (as pimg's pipeline does), on an SDXL base."
         )
     keys = ", ".join(repr(k) for k in list(contents)[:5])
     raise ModelLoadError(

@@ -100,44 +100,56 @@ class LoraPart(Part):
 
 
 class EmbeddingPart(Part):
-    """A Textual Inversion embedding (diffusers or A1111 file), bound to a token of the prompt."""
+    """A Textual Inversion embedding (diffusers, A1111 or SDXL file), bound to a token of the prompt."""
 
     kind = "embedding"
 
     def __init__(self, path: str | Path, token: str | None = None):
-        from pimg.embeddings import read_embedding_file
+        from pimg.embeddings import read_embedding_vectors
 
         self.path = Path(path)
-        self.vectors = read_embedding_file(self.path, token=token)
-        if len(self.vectors) != 1:
-            raise ModelLoadError(
-                f"{self.path} holds {len(self.vectors)} embeddings ({', '.join(self.vectors)}); pimg loads one "
-                "token per file. Split the file, or pass the one you want as PATH:TOKEN."
-            )
-        self.token = next(iter(self.vectors))
+        self.token, self.per_encoder = read_embedding_vectors(self.path, token=token)
         super().__init__(self.token)
+
+    def _encoders(self, pipe) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs, one per part of the file; refuses a file of the other family."""
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        if len(pairs) != len(self.per_encoder):
+            family = "an SDXL" if len(self.per_encoder) == 2 else "an SD 1.x/2.x"
+            raise ModelLoadError(
+                f"{self.path} is {family} embedding ({len(self.per_encoder)} text encoder part(s)), but this base "
+                f"has {len(pairs)} text encoder(s). Load it on a base of the family it was trained for."
+            )
+        return pairs
 
     def attach(self, pipe) -> None:
         from pimg.embeddings import check_embedding
 
-        vectors = self.vectors[self.token]
-        check_embedding(pipe.tokenizer, pipe.text_encoder, self.token, vectors)
-        pipe.load_textual_inversion({self.token: vectors}, token=self.token)
+        pairs = self._encoders(pipe)
+        for (tokenizer, encoder), vectors in zip(pairs, self.per_encoder, strict=True):
+            check_embedding(tokenizer, encoder, self.token, vectors)
+        for (tokenizer, encoder), vectors in zip(pairs, self.per_encoder, strict=True):
+            pipe.load_textual_inversion(
+                {self.token: vectors}, token=self.token, tokenizer=tokenizer, text_encoder=encoder
+            )
 
     def detach(self, pipe) -> None:
         from pimg.embeddings import multi_vector_tokens
 
         # diffusers unloads only the tokens it is given: an n-vector embedding added `<t>_1`, ... too,
         # and leaving them would refuse the same file when it is attached again.
-        names = multi_vector_tokens(self.token, int(self.vectors[self.token].shape[0]))
-        pipe.unload_textual_inversion(names)
+        names = multi_vector_tokens(self.token, int(self.per_encoder[0].shape[0]))
+        for tokenizer, encoder in self._encoders(pipe):
+            pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "path": str(self.path),
             "token": self.token,
-            "vectors": int(self.vectors[self.token].shape[0]),
+            "vectors": int(self.per_encoder[0].shape[0]),
         }
 
 

@@ -246,6 +246,19 @@ def test_multi_vector_embedding_detaches_fully_and_attaches_again(random_tiny_di
     assert np.array_equal(_pixels(pp.generate("a zwq star", seed=0, **FAST)), with_token)
 
 
+def test_sdxl_embedding_on_an_sd_base_is_a_clear_error(pp, tmp_path):
+    from safetensors.torch import save_file
+
+    dim = pp.pipe.text_encoder.config.hidden_size
+    path = tmp_path / "xl.safetensors"
+    save_file({"clip_l": torch.zeros(1, dim), "clip_g": torch.zeros(1, dim)}, path)
+    part = EmbeddingPart(path)
+    assert part.token == "xl"  # no token in the metadata: named by the file, as A1111 does
+    with pytest.raises(ModelLoadError, match="SDXL embedding .*1 text encoder"):
+        pp.add(part)
+    assert "xl" not in pp.parts and "xl" not in pp.pipe.tokenizer.get_vocab()
+
+
 def test_embedding_token_already_in_the_tokenizer_is_refused(random_tiny_dir, tmp_path):
     from pimg.embeddings import save_embedding
 

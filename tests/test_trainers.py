@@ -418,3 +418,36 @@ def test_finished_run_extends_to_more_steps_as_if_never_stopped(tmp_path):
     whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     extended = torch.load(tmp_path / "extended" / "model.pt", weights_only=True)
     assert all(torch.equal(whole[k], extended[k]) for k in whole)
+
+
+def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, photos_dir, tmp_path):
+    """SDXL TI writes one part per text encoder, which pimg's pipeline and plain diffusers both load."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from pimg.pipeline import EmbeddingPart, PersonalizedPipeline
+
+    config = fast_config("ti", random_sdxl_dir, photos_dir, tmp_path / "ti", n_vectors=2)
+    out = train("ti", config, progress=False)
+    path = out / "embeddings_sdxl.safetensors"
+    stored = read_safetensors(path)
+    assert set(stored) == {"clip_l", "clip_g"} and stored["clip_l"].shape == (2, 32)
+
+    pp = PersonalizedPipeline.from_base(str(random_sdxl_dir))
+    kwargs = dict(seed=0, num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+    before = np.asarray(pp.generate("a <sks> star", **kwargs)[0].image, dtype=np.float32)
+    pp.add(EmbeddingPart(path))
+    assert {"<sks>", "<sks>_1"} <= set(pp.pipe.tokenizer_2.get_vocab())
+    after = np.asarray(pp.generate("a <sks> star", **kwargs)[0].image, dtype=np.float32)
+    assert np.abs(after - before).max() > 0
+    pp.remove("<sks>")
+    assert "<sks>_1" not in pp.pipe.tokenizer.get_vocab() and "<sks>_1" not in pp.pipe.tokenizer_2.get_vocab()
+    pp.add(EmbeddingPart(path))
+
+    # The model card's plain-diffusers lines, run as written (the pipeline built from the same folder).
+    card = (out / "README.md").read_text()
+    recipe = card.split("```python\n", 1)[1].split("image = pipe(", 1)[0]
+    assert 'pipe.load_textual_inversion(state["clip_g"]' in recipe
+    recipe = recipe.replace("DiffusionPipeline.from_pretrained", "StableDiffusionXLPipeline.from_pretrained")
+    namespace = {"StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+    exec(recipe.replace("from diffusers import DiffusionPipeline\n", ""), namespace)
+    assert {"<sks>", "<sks>_1"} <= set(namespace["pipe"].tokenizer_2.get_vocab())

@@ -79,10 +79,21 @@ class TextualInversionMethod(SubjectTraining):
         c = self.config
         filename = save_new_tokens(out_dir, c.token, self.tokens)
         prompt = self.prompt(c.prompt_template)
+        load = f'pipe.load_textual_inversion("{out_dir}/{filename}")\n'
+        if len(self.tokens) == 2:  # SDXL: each part goes into its own text encoder, under the same tokens
+            load = (
+                "from safetensors.torch import load_file\n\n"
+                f'state = load_file("{out_dir}/{filename}")\n'
+                f"tokens = {self.tokens[0].names!r}\n"
+                'pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, '
+                "tokenizer=pipe.tokenizer)\n"
+                'pipe.load_textual_inversion(state["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, '
+                "tokenizer=pipe.tokenizer_2)\n"
+            )
         usage = (
             "from diffusers import DiffusionPipeline\n\n"
             f'pipe = DiffusionPipeline.from_pretrained("{self.base_location}")  # the base it was trained on\n'
-            f'pipe.load_textual_inversion("{out_dir}/{filename}")\n'
+            f"{load}"
             f'image = pipe("{prompt}").images[0]\n'
             f'# or: pimg generate --base {c.base} --embedding {out_dir}/{filename} --prompt "{prompt}"'
         )
