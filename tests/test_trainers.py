@@ -451,3 +451,37 @@ def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, pho
     namespace = {"StableDiffusionXLPipeline": StableDiffusionXLPipeline}
     exec(recipe.replace("from diffusers import DiffusionPipeline\n", ""), namespace)
     assert {"<sks>", "<sks>_1"} <= set(namespace["pipe"].tokenizer_2.get_vocab())
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos_dir, tmp_path):
+    """The SDXL paths (two text encoders, text-time conditioning) train and load as the SD ones do."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from pimg.pipeline import LoraPart, PersonalizedPipeline
+
+    overrides = {"num_class_images": 2} if method == "dreambooth" else {"train_text_encoder": True}
+    config = fast_config(method, random_sdxl_dir, photos_dir, tmp_path / method, **overrides)
+    out = train(method, config, progress=False)
+    kwargs = dict(seed=0, num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+    base = PersonalizedPipeline.from_base(str(random_sdxl_dir))
+    before = np.asarray(base.generate("a sks star", **kwargs)[0].image, dtype=np.float32)
+    if method == "lora":
+        lora = read_safetensors(out / "pytorch_lora_weights.safetensors")
+        assert any(k.startswith("text_encoder_2.") for k in lora)
+        base.add(LoraPart(out))
+        trained = base
+        plain = StableDiffusionXLPipeline.from_pretrained(str(random_sdxl_dir))
+        plain.load_lora_weights(str(out))
+        kohya = read_safetensors(out / "lora_kohya.safetensors")
+        assert any(k.startswith("lora_te2_") for k in kohya) and any(
+            k.startswith("lora_unet_") for k in kohya
+        )
+        from_kohya = StableDiffusionXLPipeline.from_pretrained(str(random_sdxl_dir))
+        from_kohya.load_lora_weights(str(out / "lora_kohya.safetensors"), adapter_name="kohya")
+        assert "kohya" in from_kohya.get_list_adapters().get("text_encoder_2", [])
+    else:
+        trained = PersonalizedPipeline.from_base(str(out))
+        StableDiffusionXLPipeline.from_pretrained(str(out))
+    after = np.asarray(trained.generate("a sks star", **kwargs)[0].image, dtype=np.float32)
+    assert np.abs(after - before).max() > 0
