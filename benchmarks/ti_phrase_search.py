@@ -5,7 +5,7 @@ photos and class noun:
 
 1. every two-word phrase of the tokenizer's whole words (`a {w1} {w2} {class noun}`) is scored by toy
    CLIP's text-image similarity to the photos, and the `--candidates` best are kept;
-2. each is drawn (guidance 5, 2 images per background) and the one whose images have the highest
+2. each is drawn (`--pick-guidance` 5, `--pick-images` 2 per background) and the one whose images have the highest
    toy-CLIP image similarity to the photos (CLIP-I) is chosen;
 3. the chosen phrase is drawn again on fresh seeds, 4 images per background, and scored by subject
    fidelity as `pimg eval toysubject` scores, at guidance 5 and 1.
@@ -42,12 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--candidates", type=int, default=12, help="phrases drawn per subject")
+    parser.add_argument(
+        "--pick-guidance", type=float, default=5.0, help="guidance of the candidates' drawings"
+    )
+    parser.add_argument("--pick-images", type=int, default=2, help="images per background of each candidate")
     args = parser.parse_args()
 
     clip = ToyClipEmbedder(args.base)
     pipe = PersonalizedPipeline.from_base(args.base)
     pipe.pipe.set_progress_bar_config(disable=True)
-    search = ToySubjectEvalConfig(method="ti", base=args.base, images_per_background=2)
+    search = ToySubjectEvalConfig(method="ti", base=args.base, images_per_background=args.pick_images)
     fresh = ToySubjectEvalConfig(method="ti", base=args.base, images_per_background=4, seed=99)
     words = whole_words(pipe.pipe.tokenizer)
     phrases = [f"{a} {b}" for a, b in itertools.permutations(words, 2)]
@@ -58,7 +62,9 @@ def main() -> None:
         shortlist = [phrases[i] for i in (texts @ photos.T).mean(1).topk(args.candidates).indices.tolist()]
         drawn = []
         for phrase in shortlist:
-            images, fidelity, _ = score(pipe, subject, f"a {phrase} {subject.class_noun}", search, guidance=5)
+            images, fidelity, _ = score(
+                pipe, subject, f"a {phrase} {subject.class_noun}", search, guidance=args.pick_guidance
+            )
             clip_i = float((F.normalize(clip.features(images), dim=-1) @ photos.T).mean())
             drawn.append((clip_i, phrase, fidelity))
         _, chosen, _ = max(drawn)
