@@ -63,25 +63,9 @@ def read_embedding_file(path: str | os.PathLike, token: str | None = None) -> di
         >>> read_embedding_file("learned_embeds.safetensors", token="<my-cat>")["<my-cat>"].shape
         torch.Size([1, 768])
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_EMBEDDING_FILENAME
-    if path.suffix == ".safetensors":
-        contents: dict = read_safetensors(path, what="embedding file")
-    else:
-        # weights_only: A1111 files hold tensors, strings and numbers only; never run pickled code.
-        contents = read_torch_weights(path, what="embedding file")
-
+    path, contents = _read_contents(path)
     stored_token, vectors = _token_and_vectors(contents, path)
-    if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
-        shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
-        raise ModelLoadError(
-            f"embedding file '{path}' holds {shape} where a [n_vectors, dim] tensor belongs. "
-            f"Accepted forms: {_ACCEPTED_FORMS}."
-        )
-    if vectors.ndim == 1:
-        vectors = vectors.unsqueeze(0)
-    return {token or stored_token: vectors.detach()}
+    return {token or stored_token: _as_matrix(vectors, path)}
 
 
 def read_embedding_vectors(
@@ -97,24 +81,42 @@ def read_embedding_vectors(
     Example:
         >>> token, (clip_l, clip_g) = read_embedding_vectors("out/ti/embeddings_sdxl.safetensors")
     """
+    path, contents = _read_contents(path)
+    if not set(SDXL_ENCODER_KEYS) <= set(contents):
+        stored_token, vectors = _token_and_vectors(contents, path)
+        return token or stored_token, [_as_matrix(vectors, path)]
+    vectors = [_as_matrix(contents[key], path) for key in SDXL_ENCODER_KEYS]
+    if vectors[0].shape[0] != vectors[1].shape[0]:
+        raise ModelLoadError(
+            f"SDXL embedding file '{path}' needs 'clip_l' and 'clip_g' with the same number of vectors; it holds "
+            f"{vectors[0].shape[0]} and {vectors[1].shape[0]}."
+        )
+    stored = None
+    if path.suffix == ".safetensors":
+        stored = read_safetensors_metadata(path, what="embedding file").get("token")
+    return token or stored or path.stem, vectors
+
+
+def _read_contents(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The file (a folder means its `learned_embeds.safetensors`) and what it holds."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
-        contents = read_safetensors(path, what="embedding file")
-        if set(SDXL_ENCODER_KEYS) <= set(contents):
-            vectors = [contents[key].detach() for key in SDXL_ENCODER_KEYS]
-            vectors = [v.unsqueeze(0) if v.ndim == 1 else v for v in vectors]
-            if any(v.ndim != 2 for v in vectors) or vectors[0].shape[0] != vectors[1].shape[0]:
-                shapes = ", ".join(
-                    f"{k} {list(v.shape)}" for k, v in zip(SDXL_ENCODER_KEYS, vectors, strict=True)
-                )
-                raise ModelLoadError(
-                    f"SDXL embedding file '{path}' needs 'clip_l' and 'clip_g' as [n_vectors, dim] with the same "
-                    f"n_vectors; it holds {shapes}."
-                )
-            stored = read_safetensors_metadata(path, what="embedding file").get("token") or path.stem
-            return token or stored, vectors
-    ((name, vectors),) = read_embedding_file(path, token=token).items()
-    return name, [vectors]
+    if path.is_dir():
+        path = path / DIFFUSERS_EMBEDDING_FILENAME
+    if path.suffix == ".safetensors":
+        return path, read_safetensors(path, what="embedding file")
+    # weights_only: A1111 files hold tensors, strings and numbers only; never run pickled code.
+    return path, read_torch_weights(path, what="embedding file")
+
+
+def _as_matrix(vectors: object, path: Path) -> torch.Tensor:
+    """A stored embedding as Tensor[n_vectors, dim] (a single 1-D vector becomes [1, dim])."""
+    if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
+        shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ModelLoadError(
+            f"embedding file '{path}' holds {shape} where a [n_vectors, dim] tensor belongs. "
+            f"Accepted forms: {_ACCEPTED_FORMS}."
+        )
+    return (vectors.unsqueeze(0) if vectors.ndim == 1 else vectors).detach()
 
 
 def _token_and_vectors(contents: dict, path: Path) -> tuple[str, object]:

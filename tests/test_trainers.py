@@ -420,6 +420,14 @@ def test_finished_run_extends_to_more_steps_as_if_never_stopped(tmp_path):
     assert all(torch.equal(whole[k], extended[k]) for k in whole)
 
 
+def sdxl_pixels(personalized, prompt: str) -> np.ndarray:
+    """One small, fast image of a random-SDXL `PersonalizedPipeline`, as float pixels."""
+    image = personalized.generate(
+        prompt, seed=0, num_inference_steps=2, guidance_scale=5.0, height=32, width=32
+    )[0].image
+    return np.asarray(image, dtype=np.float32)
+
+
 def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, photos_dir, tmp_path):
     """SDXL TI writes one part per text encoder, which pimg's pipeline and plain diffusers both load."""
     from diffusers import StableDiffusionXLPipeline
@@ -433,11 +441,10 @@ def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, pho
     assert set(stored) == {"clip_l", "clip_g"} and stored["clip_l"].shape == (2, 32)
 
     pp = PersonalizedPipeline.from_base(str(random_sdxl_dir))
-    kwargs = dict(seed=0, num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
-    before = np.asarray(pp.generate("a <sks> star", **kwargs)[0].image, dtype=np.float32)
+    before = sdxl_pixels(pp, "a <sks> star")
     pp.add(EmbeddingPart(path))
     assert {"<sks>", "<sks>_1"} <= set(pp.pipe.tokenizer_2.get_vocab())
-    after = np.asarray(pp.generate("a <sks> star", **kwargs)[0].image, dtype=np.float32)
+    after = sdxl_pixels(pp, "a <sks> star")
     assert np.abs(after - before).max() > 0
     pp.remove("<sks>")
     assert "<sks>_1" not in pp.pipe.tokenizer.get_vocab() and "<sks>_1" not in pp.pipe.tokenizer_2.get_vocab()
@@ -463,9 +470,8 @@ def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos
     overrides = {"num_class_images": 2} if method == "dreambooth" else {"train_text_encoder": True}
     config = fast_config(method, random_sdxl_dir, photos_dir, tmp_path / method, **overrides)
     out = train(method, config, progress=False)
-    kwargs = dict(seed=0, num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
     base = PersonalizedPipeline.from_base(str(random_sdxl_dir))
-    before = np.asarray(base.generate("a sks star", **kwargs)[0].image, dtype=np.float32)
+    before = sdxl_pixels(base, "a sks star")
     if method == "lora":
         lora = read_safetensors(out / "pytorch_lora_weights.safetensors")
         assert any(k.startswith("text_encoder_2.") for k in lora)
@@ -483,5 +489,5 @@ def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos
     else:
         trained = PersonalizedPipeline.from_base(str(out))
         StableDiffusionXLPipeline.from_pretrained(str(out))
-    after = np.asarray(trained.generate("a sks star", **kwargs)[0].image, dtype=np.float32)
+    after = sdxl_pixels(trained, "a sks star")
     assert np.abs(after - before).max() > 0
