@@ -108,6 +108,7 @@ def denoising_loss(
     noise_offset: float = 0.0,
     min_snr_gamma: float | None = None,
     pixel_weights: torch.Tensor | None = None,
+    high_noise_share: float = 0.0,
 ) -> torch.Tensor:
     """The per-example latent diffusion loss: noise the latents at random timesteps, predict, compare.
 
@@ -127,6 +128,10 @@ def denoising_loss(
         pixel_weights: optional weights [N, 1, h, w] at latent resolution (a masked loss): each
             example's loss is its weighted mean over latent pixels, so its scale does not depend on
             how much of the image the weights cover.
+        high_noise_share: share of examples whose timestep is drawn from the noisier half of the
+            schedule instead of all of it (0: uniform). Layout, position and which object gets which
+            colour are decided at high noise, where the prompt is most of what the model has to go on;
+            at low noise the image itself says what to draw.
 
     Returns:
         Loss per example [N] (float32); methods weight and average it.
@@ -135,7 +140,11 @@ def denoising_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (n,), generator=generator)
+    if high_noise_share:
+        noisier_half = torch.rand(n, generator=generator) < high_noise_share
+        timesteps = torch.where(noisier_half, num_timesteps // 2 + timesteps // 2, timesteps)
     noise, timesteps = noise.to(latents), timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type

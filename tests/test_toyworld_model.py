@@ -279,3 +279,64 @@ def test_denoising_loss_with_pixel_weights_is_the_weighted_mean_of_the_squared_e
             torch.Generator().manual_seed(1),
             pixel_weights=torch.ones(2, 8, 8),
         )
+
+
+def test_high_noise_share_moves_that_share_of_timesteps_into_the_noisier_half():
+    from diffusers import DDPMScheduler
+    from pimg.trainers.toy_base import ToyBaseConfig
+
+    from pimg.diffusion_training import Conditioning, denoising_loss
+    from pimg.errors import TrainingError
+
+    class Recorder(torch.nn.Module):
+        def forward(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+            self.timesteps = timesteps
+            return type("Out", (), {"sample": sample})()
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.zeros(2000, 4, 2, 2)
+    conditioning = Conditioning(torch.zeros(2000, 3, 16))
+
+    def drawn(share: float) -> torch.Tensor:
+        unet = Recorder()
+        denoising_loss(
+            unet, scheduler, latents, conditioning, torch.Generator().manual_seed(3), high_noise_share=share
+        )
+        return unet.timesteps
+
+    uniform, all_noisy, mixed = drawn(0.0), drawn(1.0), drawn(0.4)
+    assert 0.45 < (uniform >= 500).float().mean() < 0.55
+    assert all_noisy.min() >= 500 and all_noisy.max() <= 999
+    assert all_noisy.unique().numel() > 450  # spread over the whole noisier half, not piled up
+    # 40% moved up, the other 60% uniform: 0.4 + 0.6 / 2 = 70% in the noisier half.
+    assert 0.66 < (mixed >= 500).float().mean() < 0.74
+    with pytest.raises(TrainingError, match="high_noise_share"):
+        ToyBaseConfig(high_noise_share=1.5)
+
+
+def test_plain_attention_computes_what_sdpa_does_in_training(random_tiny_dir):
+    """The CPU training speed-up swaps the attention kernel only: same outputs, same gradients."""
+    from diffusers import UNet2DConditionModel
+    from pimg.trainers.toy_base import _use_plain_attention
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(random_tiny_dir / "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(str(random_tiny_dir / "text_encoder"))
+    ids = torch.randint(
+        0, text_encoder.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(0)
+    )
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def forward_backward():
+        unet.zero_grad()
+        text = text_encoder(ids)[0]
+        out = unet(latents, torch.tensor([10, 900]), text).sample
+        out.square().mean().backward()
+        return out.detach(), unet.conv_in.weight.grad.clone()
+
+    fused_out, fused_grad = forward_backward()
+    _use_plain_attention(unet, text_encoder)
+    assert text_encoder.config._attn_implementation == "eager"
+    plain_out, plain_grad = forward_backward()
+    assert torch.allclose(fused_out, plain_out, atol=1e-5)
+    assert torch.allclose(fused_grad, plain_grad, atol=1e-6, rtol=1e-4)
