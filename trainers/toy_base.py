@@ -509,7 +509,8 @@ def _use_plain_attention(unet, text_encoder) -> None:
 
     At these sizes (256 tokens, 16-dim heads) the fused kernel's CPU backward is slow: a batch-32
     training step of the UNet and text tower took 0.83 s with SDPA and 0.59 s with this (bf16, 2 cores).
-    The weights and what they compute are unchanged; on a GPU, SDPA stays.
+    The weights and what they compute are unchanged. Only CUDA keeps SDPA; any other device (CPU, and
+    Apple's MPS, whose speed here was never measured) gets this.
     """
     from diffusers.models.attention_processor import AttnProcessor
 
