@@ -258,6 +258,7 @@ def run_training(
     Returns:
         The last logged scalars plus `wall_time_s`.
     """
+    from accelerate.utils import send_to_device
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -298,7 +299,8 @@ def run_training(
     began = time.time()
     for step in range(start, config.steps):
         for micro in range(config.gradient_accumulation):
-            batch = method.batch(step, micro, config.seed)
+            # Methods build batches on the CPU; the modules sit where accelerate put them.
+            batch = send_to_device(method.batch(step, micro, config.seed), accelerator.device)
             with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
                 loss, logs = method.loss(batch, step_generator(config.seed, step, micro))
                 if not torch.isfinite(loss):

@@ -255,7 +255,8 @@ class ClipStage:
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, return_loss=True
         )
         with torch.no_grad():
-            top1 = (out.logits_per_image.argmax(1) == torch.arange(len(pixels))).float().mean().item()
+            matches = out.logits_per_image.argmax(1) == torch.arange(len(pixels), device=pixels.device)
+            top1 = matches.float().mean().item()
         return out.loss, {"retrieval_top1": top1}
 
     def sample(self, step, out_dir):
@@ -312,7 +313,7 @@ class VaeStage:
 
     @torch.no_grad()
     def sample(self, step, out_dir):
-        pixels = to_model_range(_stream_batch(self.config, 8, 10**6, 0, 123)[0])
+        pixels = to_model_range(_stream_batch(self.config, 8, 10**6, 0, 123)[0]).to(self.vae.device)
         recon = self.vae(pixels).sample
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"vae_{step:07d}.png"
@@ -322,7 +323,7 @@ class VaeStage:
     def save(self, out_dir):
         # SD scales latents to unit variance before diffusion; measure this VAE's scale.
         with torch.no_grad():
-            pixels = to_model_range(_stream_batch(self.config, 256, 10**6, 1, 321)[0])
+            pixels = to_model_range(_stream_batch(self.config, 256, 10**6, 1, 321)[0]).to(self.vae.device)
             std = self.vae.encode(pixels).latent_dist.mean.float().std().item()
         self.vae.register_to_config(scaling_factor=1.0 / std)
         self.vae.save_pretrained(str(out_dir / "vae"), safe_serialization=True)
@@ -383,13 +384,17 @@ class UnetStage:
     """
 
     def __init__(self, config: ToyBaseConfig, tokenizer, clip, vae):
+        from accelerate import PartialState
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         self.config = config
         self.tokenizer = tokenizer
         self.clip = clip
-        self.vae = vae.eval().requires_grad_(False)
+        # Accelerate places only the modules that train; the frozen VAE (and a frozen text tower) encode
+        # every batch, so they go to the training device here.
+        self.device = PartialState().device
+        self.vae = vae.eval().requires_grad_(False).to(self.device)
         if config.unet_init:
             init = Path(config.unet_init)
             self.unet = UNet2DConditionModel.from_pretrained(str(init / "unet")).float()
@@ -398,7 +403,8 @@ class UnetStage:
             self.unet = arch.build_unet(seed=config.unet.loop.seed)
             self.text_encoder = arch.text_encoder_from_clip(clip)
         self.text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
-        if not torch.cuda.is_available():
+        self.text_encoder.to(self.device)
+        if self.device.type != "cuda":
             _use_plain_attention(self.unet, self.text_encoder)
         schedule = arch.noise_schedule(config.prediction_type, config.zero_terminal_snr)
         self.noise_scheduler = DDPMScheduler(**schedule, clip_sample=False)
@@ -432,8 +438,9 @@ class UnetStage:
         captions = [
             self._training_caption(d, c, s) for d, c, s in zip(draws.tolist(), captions, scenes, strict=True)
         ]
-        latents = self.vae.encode(to_model_range(images)).latent_dist.mean * self.vae.config.scaling_factor
-        ids = self.token_ids(captions)
+        pixels = to_model_range(images).to(self.device)
+        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        ids = self.token_ids(captions).to(self.device)
         # A frozen text tower's output is fixed: encode here, outside the autograd graph.
         text = ids if self.config.train_text_encoder else self.text_encoder(ids)[0].float()
         return latents.float(), text, self._pixel_weights(images, scenes, latents.shape[-1])
