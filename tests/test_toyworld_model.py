@@ -314,6 +314,27 @@ def test_high_noise_share_moves_that_share_of_timesteps_into_the_noisier_half():
         ToyBaseConfig(high_noise_share=1.5)
 
 
+def test_high_noise_share_schedule_runs_linearly_from_start_to_end_over_the_unet_steps():
+    from pimg.trainers.loop import LoopConfig
+    from pimg.trainers.toy_base import StageConfig, ToyBaseConfig, UnetStage
+
+    from pimg.errors import TrainingError
+
+    def share_at(step: int, **settings) -> float:
+        stage = UnetStage.__new__(UnetStage)  # only the schedule is under test: no models needed
+        stage.config = ToyBaseConfig(unet=StageConfig(loop=LoopConfig(steps=101)), **settings)
+        return stage.high_noise_share(step)
+
+    assert share_at(0, high_noise_share=0.3) == share_at(100, high_noise_share=0.3) == 0.3
+    schedule = {"high_noise_share": 0.6, "high_noise_share_end": 0.0}
+    assert share_at(0, **schedule) == pytest.approx(0.6)
+    assert share_at(50, **schedule) == pytest.approx(0.3)
+    assert share_at(100, **schedule) == pytest.approx(0.0)
+    assert share_at(250, **schedule) == pytest.approx(0.0)  # a longer resumed run holds the end value
+    with pytest.raises(TrainingError, match="high_noise_share_end"):
+        ToyBaseConfig(high_noise_share_end=-0.1)
+
+
 def test_plain_attention_computes_what_sdpa_does_in_training(random_tiny_dir):
     """The CPU training speed-up swaps the attention kernel only: same outputs, same gradients."""
     from diffusers import UNet2DConditionModel

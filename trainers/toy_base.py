@@ -96,6 +96,10 @@ class ToyBaseConfig:
             (`architecture.noise_schedule` says why); needs v-prediction.
         high_noise_share: share of UNet examples trained at a timestep from the noisier half of the
             schedule (`denoising_loss` says why); 0 draws all timesteps uniformly.
+        high_noise_share_end: if set, the share moves linearly from `high_noise_share` at the first UNet
+            step to this at the last: coarse to fine. Layout is learnt at high noise and, once learnt,
+            holds under uniform timesteps; pattern colours are fine detail, learnt at low noise, and
+            want the last, low-learning-rate steps.
     """
 
     out_dir: str = "runs/tiny"
@@ -175,6 +179,7 @@ class ToyBaseConfig:
     zero_terminal_snr: bool = False
     object_loss_weight: float = 0.0
     high_noise_share: float = 0.0
+    high_noise_share_end: float | None = None
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -188,8 +193,10 @@ class ToyBaseConfig:
             )
         if self.object_loss_weight < 0:
             raise TrainingError(f"object_loss_weight must be >= 0, got {self.object_loss_weight}.")
-        if not 0.0 <= self.high_noise_share <= 1.0:
-            raise TrainingError(f"high_noise_share must be in [0, 1], got {self.high_noise_share}.")
+        for name in ("high_noise_share", "high_noise_share_end"):
+            share = getattr(self, name)
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise TrainingError(f"{name} must be in [0, 1], got {share}.")
         if not 0.0 <= self.decoder_subject_share <= 1.0:
             raise TrainingError(f"decoder_subject_share must be in [0, 1], got {self.decoder_subject_share}.")
         unknown = [s for s in self.stages if s not in STAGES]
@@ -439,11 +446,23 @@ class UnetStage:
             self._training_caption(d, c, s) for d, c, s in zip(draws.tolist(), captions, scenes, strict=True)
         ]
         pixels = to_model_range(images).to(self.device)
-        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        # bf16 encodes a batch 3x faster on a CPU (0.08 against 0.26 s for 32 scenes); the latents move
+        # by at most 0.6% of their range, well under the diffusion noise put on them.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
         ids = self.token_ids(captions).to(self.device)
         # A frozen text tower's output is fixed: encode here, outside the autograd graph.
         text = ids if self.config.train_text_encoder else self.text_encoder(ids)[0].float()
-        return latents.float(), text, self._pixel_weights(images, scenes, latents.shape[-1])
+        pixel_weights = self._pixel_weights(images, scenes, latents.shape[-1])
+        return latents.float(), text, pixel_weights, self.high_noise_share(step)
+
+    def high_noise_share(self, step: int) -> float:
+        """The share of timesteps drawn from the noisier half at `step` (see `ToyBaseConfig`)."""
+        start, end = self.config.high_noise_share, self.config.high_noise_share_end
+        if end is None:
+            return start
+        last = max(self.config.unet.loop.steps - 1, 1)
+        return start + (end - start) * min(step, last) / last
 
     def _pixel_weights(self, images: np.ndarray, scenes, latent_size: int) -> torch.Tensor | None:
         """1 + object_loss_weight on latent pixels that hold any object pixel, else 1 (None when off)."""
@@ -464,7 +483,7 @@ class UnetStage:
         return caption
 
     def loss(self, batch, generator):
-        latents, text, pixel_weights = batch
+        latents, text, pixel_weights, high_noise_share = batch
         if self.config.train_text_encoder:
             text = self.text_encoder(text)[0]
         per_example = denoising_loss(
@@ -476,9 +495,9 @@ class UnetStage:
             noise_offset=self.config.noise_offset,
             min_snr_gamma=self.config.min_snr_gamma,
             pixel_weights=pixel_weights,
-            high_noise_share=self.config.high_noise_share,
+            high_noise_share=high_noise_share,
         )
-        return per_example.mean(), {}
+        return per_example.mean(), {"high_noise_share": high_noise_share}
 
     def pipeline(self):
         scheduler = arch.build_scheduler(self.config.prediction_type, self.config.zero_terminal_snr)
