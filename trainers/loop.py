@@ -299,7 +299,7 @@ def run_training(
     began = time.time()
     for step in range(start, config.steps):
         for micro in range(config.gradient_accumulation):
-            # Methods build batches on the CPU; the modules sit where accelerate put them.
+            # Methods may build batches on the CPU; the modules sit where accelerate put them.
             batch = send_to_device(method.batch(step, micro, config.seed), accelerator.device)
             with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
                 loss, logs = method.loss(batch, step_generator(config.seed, step, micro))
