@@ -316,14 +316,13 @@ def test_high_noise_share_moves_that_share_of_timesteps_into_the_noisier_half():
 
 def test_high_noise_share_schedule_runs_linearly_from_start_to_end_over_the_unet_steps():
     from pimg.trainers.loop import LoopConfig
-    from pimg.trainers.toy_base import StageConfig, ToyBaseConfig, UnetStage
+    from pimg.trainers.toy_base import StageConfig, ToyBaseConfig
 
     from pimg.errors import TrainingError
 
     def share_at(step: int, **settings) -> float:
-        stage = UnetStage.__new__(UnetStage)  # only the schedule is under test: no models needed
-        stage.config = ToyBaseConfig(unet=StageConfig(loop=LoopConfig(steps=101)), **settings)
-        return stage.high_noise_share(step)
+        config = ToyBaseConfig(unet=StageConfig(loop=LoopConfig(steps=101)), **settings)
+        return config.high_noise_share_at(step)
 
     assert share_at(0, high_noise_share=0.3) == share_at(100, high_noise_share=0.3) == 0.3
     schedule = {"high_noise_share": 0.6, "high_noise_share_end": 0.0}

@@ -203,6 +203,14 @@ class ToyBaseConfig:
         if unknown:
             raise TrainingError(f"unknown stage(s) {unknown}; the stages are {STAGES}.")
 
+    def high_noise_share_at(self, step: int) -> float:
+        """The share of UNet timesteps drawn from the noisier half at UNet step `step`."""
+        start, end = self.high_noise_share, self.high_noise_share_end
+        if end is None:
+            return start
+        last = max(self.unet.loop.steps - 1, 1)
+        return start + (end - start) * min(step, last) / last
+
 
 def _stream_batch(config: ToyBaseConfig, batch_size: int, step: int, micro: int, seed: int):
     images, captions, _ = _scene_batch(config, batch_size, step, micro, seed)
@@ -454,15 +462,7 @@ class UnetStage:
         # A frozen text tower's output is fixed: encode here, outside the autograd graph.
         text = ids if self.config.train_text_encoder else self.text_encoder(ids)[0].float()
         pixel_weights = self._pixel_weights(images, scenes, latents.shape[-1])
-        return latents.float(), text, pixel_weights, self.high_noise_share(step)
-
-    def high_noise_share(self, step: int) -> float:
-        """The share of timesteps drawn from the noisier half at `step` (see `ToyBaseConfig`)."""
-        start, end = self.config.high_noise_share, self.config.high_noise_share_end
-        if end is None:
-            return start
-        last = max(self.config.unet.loop.steps - 1, 1)
-        return start + (end - start) * min(step, last) / last
+        return latents.float(), text, pixel_weights, self.config.high_noise_share_at(step)
 
     def _pixel_weights(self, images: np.ndarray, scenes, latent_size: int) -> torch.Tensor | None:
         """1 + object_loss_weight on latent pixels that hold any object pixel, else 1 (None when off)."""
