@@ -31,7 +31,7 @@ from pimg.errors import TrainingError
 from pimg.imaging import grid, to_model_range, to_uint8
 from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
-from pimg.toyworld.checker import object_mask
+from pimg.toyworld.checker import object_mask, object_regions
 from pimg.toyworld.tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "decoder")
@@ -92,6 +92,10 @@ class ToyBaseConfig:
         object_loss_weight: extra UNet loss weight on the latent pixels an object covers (0: a plain mean).
             A small object fills ~4% of the latent, so the plain loss is mostly background; two-object
             scenes, whose objects are small and must each keep their own colours, learn slowest.
+        pattern_loss_weight: further extra weight on the latent pixels of striped, dotted and checkered
+            objects (each read in its own region, as the checker reads it). Solid objects are read right
+            almost always; a pattern's second colour is two-pixel detail, and it is where colour and
+            two-object readings fail.
         zero_terminal_snr: rescale the noise schedule so the last timestep is pure noise
             (`architecture.noise_schedule` says why); needs v-prediction.
         high_noise_share: share of UNet examples trained at a timestep from the noisier half of the
@@ -178,6 +182,7 @@ class ToyBaseConfig:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     object_loss_weight: float = 0.0
+    pattern_loss_weight: float = 0.0
     high_noise_share: float = 0.0
     high_noise_share_end: float | None = None
 
@@ -191,8 +196,9 @@ class ToyBaseConfig:
                 "zero_terminal_snr needs prediction_type: v_prediction (at zero SNR the noise is the input, "
                 "so predicting it teaches nothing)."
             )
-        if self.object_loss_weight < 0:
-            raise TrainingError(f"object_loss_weight must be >= 0, got {self.object_loss_weight}.")
+        for name in ("object_loss_weight", "pattern_loss_weight"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("high_noise_share", "high_noise_share_end"):
             share = getattr(self, name)
             if share is not None and not 0.0 <= share <= 1.0:
@@ -465,14 +471,29 @@ class UnetStage:
         return latents.float(), text, pixel_weights, self.config.high_noise_share_at(step)
 
     def _pixel_weights(self, images: np.ndarray, scenes, latent_size: int) -> torch.Tensor | None:
-        """1 + object_loss_weight on latent pixels that hold any object pixel, else 1 (None when off)."""
-        if not self.config.object_loss_weight:
+        """1 + object_loss_weight on latent pixels that hold any object pixel, plus pattern_loss_weight where
+        that pixel is a patterned object's, else 1 (None when both are off)."""
+        if not (self.config.object_loss_weight or self.config.pattern_loss_weight):
             return None
-        masks = np.stack(
-            [object_mask(image, scene.background) for image, scene in zip(images, scenes, strict=True)]
+        objects, patterned = [], []
+        for image, scene in zip(images, scenes, strict=True):
+            mask = object_mask(image, scene.background)
+            regions = object_regions(mask, scene.objects)
+            objects.append(mask)
+            on_patterns = np.zeros_like(mask)
+            for region, obj in zip(regions, scene.objects, strict=True):
+                if obj.pattern != "solid":
+                    on_patterns |= region
+            patterned.append(on_patterns)
+
+        def covered(masks):
+            return F.adaptive_max_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], latent_size)
+
+        return (
+            1.0
+            + self.config.object_loss_weight * covered(objects)
+            + self.config.pattern_loss_weight * covered(patterned)
         )
-        covered = F.adaptive_max_pool2d(torch.from_numpy(masks).float()[:, None], latent_size)
-        return 1.0 + self.config.object_loss_weight * covered
 
     def _training_caption(self, draw: float, caption: str, scene) -> str:
         """One uniform draw picks: the empty caption, the class-noun prompt (one object only), or the caption."""

@@ -154,6 +154,20 @@ def _colours_match(reading: ObjectReading | None, colours: tuple[str, ...]) -> b
     return reading is not None and set(reading.colours[: len(colours)]) == set(colours)
 
 
+def object_regions(mask: np.ndarray, objects) -> list[np.ndarray]:
+    """Split an object mask [H, W] into the region each object is read in, one per object.
+
+    One object owns the whole mask; two small objects sit left + right or top + bottom, so the image is
+    cut across that axis and each object owns the object pixels on its named half.
+    """
+    if len(objects) == 1:
+        return [mask]
+    axis = 1 if {o.position for o in objects} == {"left", "right"} else 0
+    # True on the left (or top) half, broadcast along the other axis.
+    low = np.expand_dims(np.arange(mask.shape[axis]) < mask.shape[axis] // 2, 1 - axis)
+    return [mask & low if o.position in ("left", "top") else mask & ~low for o in objects]
+
+
 def check_prompt(img: np.ndarray, spec: PromptSpec | Scene) -> dict[str, bool]:
     """Whether an image shows what a prompt (or scene) states, field by field.
 
@@ -174,15 +188,7 @@ def check_prompt(img: np.ndarray, spec: PromptSpec | Scene) -> dict[str, bool]:
         raise InputError(f"check_prompt needs a PromptSpec or Scene; got {type(spec).__name__}")
     background = read_background(img)
     # Read objects against the background actually seen, so each key is judged on its own.
-    mask = object_mask(img, background)
-    if len(spec.objects) == 1:
-        regions = [mask]
-    else:
-        # Two small objects sit left + right or top + bottom: cut the image across that axis.
-        axis = 1 if {o.position for o in spec.objects} == {"left", "right"} else 0
-        # True on the left (or top) half, broadcast along the other axis.
-        low = np.expand_dims(np.arange(mask.shape[axis]) < mask.shape[axis] // 2, 1 - axis)
-        regions = [mask & low if o.position in ("left", "top") else mask & ~low for o in spec.objects]
+    regions = object_regions(object_mask(img, background), spec.objects)
     readings = [read_object(img, region) for region in regions]
 
     result = {"background": background == spec.background}
