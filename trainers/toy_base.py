@@ -93,8 +93,8 @@ class ToyBaseConfig:
             A small object fills ~4% of the latent, so the plain loss is mostly background; two-object
             scenes, whose objects are small and must each keep their own colours, learn slowest.
         pattern_loss_weight: further extra weight on the latent pixels of striped, dotted and checkered
-            objects (each read in its own region, as the checker reads it). Solid objects are read right
-            almost always; a pattern's second colour is two-pixel detail, and it is where colour and
+            objects (each taken in the region the checker reads it in). Solid objects are read right
+            almost always; a pattern's second colour is fine detail, and it is where colour and
             two-object readings fail.
         zero_terminal_snr: rescale the noise schedule so the last timestep is pure noise
             (`architecture.noise_schedule` says why); needs v-prediction.
@@ -396,6 +396,13 @@ class DecoderStage(VaeStage):
         arch.save_model_folder(self.pipeline, clip, out_dir / "model")
 
 
+def _patterned_pixels(mask: np.ndarray, scene) -> np.ndarray:
+    """The object pixels of `mask` that belong to the scene's striped, dotted or checkered objects."""
+    regions = object_regions(mask, scene.objects)
+    patterned = [region for region, obj in zip(regions, scene.objects, strict=True) if obj.pattern != "solid"]
+    return np.logical_or.reduce(patterned, axis=0) if patterned else np.zeros_like(mask)
+
+
 class UnetStage:
     """Text-conditioned latent diffusion training of the tiny UNet on the frozen VAE's latents.
 
@@ -475,25 +482,16 @@ class UnetStage:
         that pixel is a patterned object's, else 1 (None when both are off)."""
         if not (self.config.object_loss_weight or self.config.pattern_loss_weight):
             return None
-        objects, patterned = [], []
-        for image, scene in zip(images, scenes, strict=True):
-            mask = object_mask(image, scene.background)
-            regions = object_regions(mask, scene.objects)
-            objects.append(mask)
-            on_patterns = np.zeros_like(mask)
-            for region, obj in zip(regions, scene.objects, strict=True):
-                if obj.pattern != "solid":
-                    on_patterns |= region
-            patterned.append(on_patterns)
+        masks = [object_mask(image, scene.background) for image, scene in zip(images, scenes, strict=True)]
 
         def covered(masks):
             return F.adaptive_max_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], latent_size)
 
-        return (
-            1.0
-            + self.config.object_loss_weight * covered(objects)
-            + self.config.pattern_loss_weight * covered(patterned)
-        )
+        weights = 1.0 + self.config.object_loss_weight * covered(masks)
+        if self.config.pattern_loss_weight:  # off in the recipes: skip the per-object split on every batch
+            patterned = [_patterned_pixels(mask, scene) for mask, scene in zip(masks, scenes, strict=True)]
+            weights = weights + self.config.pattern_loss_weight * covered(patterned)
+        return weights
 
     def _training_caption(self, draw: float, caption: str, scene) -> str:
         """One uniform draw picks: the empty caption, the class-noun prompt (one object only), or the caption."""
