@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -403,6 +404,16 @@ def _patterned_pixels(mask: np.ndarray, scene) -> np.ndarray:
     return np.logical_or.reduce(patterned, axis=0) if patterned else np.zeros_like(mask)
 
 
+class UnetBatch(NamedTuple):
+    """One UNet micro-batch. The timestep share rides along because the loss draws the timesteps and, by the
+    loop's contract, sees only the batch and a generator, not the step."""
+
+    latents: torch.Tensor
+    text: torch.Tensor  # token ids when the text tower trains, else its (fixed) hidden states
+    pixel_weights: torch.Tensor | None
+    high_noise_share: float
+
+
 class UnetStage:
     """Text-conditioned latent diffusion training of the tiny UNet on the frozen VAE's latents.
 
@@ -475,7 +486,7 @@ class UnetStage:
         # A frozen text tower's output is fixed: encode here, outside the autograd graph.
         text = ids if self.config.train_text_encoder else self.text_encoder(ids)[0].float()
         pixel_weights = self._pixel_weights(images, scenes, latents.shape[-1])
-        return latents.float(), text, pixel_weights, self.config.high_noise_share_at(step)
+        return UnetBatch(latents.float(), text, pixel_weights, self.config.high_noise_share_at(step))
 
     def _pixel_weights(self, images: np.ndarray, scenes, latent_size: int) -> torch.Tensor | None:
         """1 + object_loss_weight on latent pixels that hold any object pixel, plus pattern_loss_weight where
@@ -501,22 +512,20 @@ class UnetStage:
             return class_noun_prompt(scene)
         return caption
 
-    def loss(self, batch, generator):
-        latents, text, pixel_weights, high_noise_share = batch
-        if self.config.train_text_encoder:
-            text = self.text_encoder(text)[0]
+    def loss(self, batch: UnetBatch, generator):
+        text = self.text_encoder(batch.text)[0] if self.config.train_text_encoder else batch.text
         per_example = denoising_loss(
             self.unet,
             self.noise_scheduler,
-            latents,
+            batch.latents,
             Conditioning(text),
             generator,
             noise_offset=self.config.noise_offset,
             min_snr_gamma=self.config.min_snr_gamma,
-            pixel_weights=pixel_weights,
-            high_noise_share=high_noise_share,
+            pixel_weights=batch.pixel_weights,
+            high_noise_share=batch.high_noise_share,
         )
-        return per_example.mean(), {"high_noise_share": high_noise_share}
+        return per_example.mean(), {"high_noise_share": batch.high_noise_share}
 
     def pipeline(self):
         scheduler = arch.build_scheduler(self.config.prediction_type, self.config.zero_terminal_snr)
