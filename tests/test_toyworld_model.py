@@ -234,32 +234,6 @@ def test_object_loss_weight_weighs_the_latent_pixels_under_objects():
         ToyBaseConfig(object_loss_weight=-1)
 
 
-def test_pattern_loss_weight_adds_weight_only_on_the_patterned_object_side():
-    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
-
-    from pimg.errors import TrainingError
-    from pimg.toyworld.render import render_scene
-    from pimg.toyworld.scene import ObjectSpec, Scene
-
-    solid = ObjectSpec("square", "red", None, "solid", "small", "left")
-    striped = ObjectSpec("circle", "yellow", "white", "striped", "small", "right")
-    scene = Scene("green", (solid, striped))
-    image = render_scene(scene, noise=0)
-    stage = UnetStage.__new__(UnetStage)  # only the weighting is under test: no models needed
-    stage.config = ToyBaseConfig(object_loss_weight=2.0, pattern_loss_weight=5.0)
-    weights = stage._pixel_weights(image[None], [scene], 16)[0, 0]
-    # The solid object on the left weighs 1 + 2, the striped one on the right 1 + 2 + 5, the rest 1.
-    assert set(weights[:, :8].unique().tolist()) == {1.0, 3.0}
-    assert set(weights[:, 8:].unique().tolist()) == {1.0, 8.0}
-    # The pattern weight alone turns weighting on; solid objects then weigh 1 like the background.
-    stage.config = ToyBaseConfig(pattern_loss_weight=5.0)
-    weights = stage._pixel_weights(image[None], [scene], 16)[0, 0]
-    assert set(weights[:, :8].unique().tolist()) == {1.0}
-    assert set(weights[:, 8:].unique().tolist()) == {1.0, 6.0}
-    with pytest.raises(TrainingError, match="pattern_loss_weight"):
-        ToyBaseConfig(pattern_loss_weight=-1)
-
-
 def test_denoising_loss_with_pixel_weights_is_the_weighted_mean_of_the_squared_error():
     from diffusers import DDPMScheduler
 

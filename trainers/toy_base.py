@@ -32,7 +32,7 @@ from pimg.errors import TrainingError
 from pimg.imaging import grid, to_model_range, to_uint8
 from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
-from pimg.toyworld.checker import object_mask, object_regions
+from pimg.toyworld.checker import object_mask
 from pimg.toyworld.tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "decoder")
@@ -93,10 +93,6 @@ class ToyBaseConfig:
         object_loss_weight: extra UNet loss weight on the latent pixels an object covers (0: a plain mean).
             A small object fills ~4% of the latent, so the plain loss is mostly background; two-object
             scenes, whose objects are small and must each keep their own colours, learn slowest.
-        pattern_loss_weight: further extra weight on the latent pixels of striped, dotted and checkered
-            objects (each taken in the region the checker reads it in). Solid objects are read right
-            almost always; a pattern's second colour is fine detail, and it is where colour and
-            two-object readings fail.
         zero_terminal_snr: rescale the noise schedule so the last timestep is pure noise
             (`architecture.noise_schedule` says why); needs v-prediction.
         high_noise_share: share of UNet examples trained at a timestep from the noisier half of the
@@ -183,7 +179,6 @@ class ToyBaseConfig:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     object_loss_weight: float = 0.0
-    pattern_loss_weight: float = 0.0
     high_noise_share: float = 0.0
     high_noise_share_end: float | None = None
 
@@ -197,9 +192,8 @@ class ToyBaseConfig:
                 "zero_terminal_snr needs prediction_type: v_prediction (at zero SNR the noise is the input, "
                 "so predicting it teaches nothing)."
             )
-        for name in ("object_loss_weight", "pattern_loss_weight"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.object_loss_weight < 0:
+            raise TrainingError(f"object_loss_weight must be >= 0, got {self.object_loss_weight}.")
         for name in ("high_noise_share", "high_noise_share_end"):
             share = getattr(self, name)
             if share is not None and not 0.0 <= share <= 1.0:
@@ -397,13 +391,6 @@ class DecoderStage(VaeStage):
         arch.save_model_folder(self.pipeline, clip, out_dir / "model")
 
 
-def _patterned_pixels(mask: np.ndarray, scene) -> np.ndarray:
-    """The object pixels of `mask` that belong to the scene's striped, dotted or checkered objects."""
-    regions = object_regions(mask, scene.objects)
-    patterned = [region for region, obj in zip(regions, scene.objects, strict=True) if obj.pattern != "solid"]
-    return np.logical_or.reduce(patterned, axis=0) if patterned else np.zeros_like(mask)
-
-
 class UnetBatch(NamedTuple):
     """One UNet micro-batch. The timestep share rides along because the loss draws the timesteps and, by the
     loop's contract, sees only the batch and a generator, not the step."""
@@ -489,20 +476,14 @@ class UnetStage:
         return UnetBatch(latents.float(), text, pixel_weights, self.config.high_noise_share_at(step))
 
     def _pixel_weights(self, images: np.ndarray, scenes, latent_size: int) -> torch.Tensor | None:
-        """1 + object_loss_weight on latent pixels that hold any object pixel, plus pattern_loss_weight where
-        that pixel is a patterned object's, else 1 (None when both are off)."""
-        if not (self.config.object_loss_weight or self.config.pattern_loss_weight):
+        """1 + object_loss_weight on latent pixels that hold any object pixel, else 1 (None when off)."""
+        if not self.config.object_loss_weight:
             return None
-        masks = [object_mask(image, scene.background) for image, scene in zip(images, scenes, strict=True)]
-
-        def covered(masks):
-            return F.adaptive_max_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], latent_size)
-
-        weights = 1.0 + self.config.object_loss_weight * covered(masks)
-        if self.config.pattern_loss_weight:  # off in the recipes: skip the per-object split on every batch
-            patterned = [_patterned_pixels(mask, scene) for mask, scene in zip(masks, scenes, strict=True)]
-            weights = weights + self.config.pattern_loss_weight * covered(patterned)
-        return weights
+        masks = np.stack(
+            [object_mask(image, scene.background) for image, scene in zip(images, scenes, strict=True)]
+        )
+        covered = F.adaptive_max_pool2d(torch.from_numpy(masks).float()[:, None], latent_size)
+        return 1.0 + self.config.object_loss_weight * covered
 
     def _training_caption(self, draw: float, caption: str, scene) -> str:
         """One uniform draw picks: the empty caption, the class-noun prompt (one object only), or the caption."""
