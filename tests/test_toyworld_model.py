@@ -158,7 +158,7 @@ def test_zero_terminal_snr_needs_v_prediction_and_ends_in_pure_noise():
 
 
 def test_eval_toybase_reports_seen_and_held_out(random_tiny_dir, tmp_path):
-    from pimg.toyworld.evaluate import ToyBaseEvalConfig, evaluate_base
+    from pimg.toyworld.evaluate import ToyBaseEvalConfig, evaluate_base, format_report
 
     config = ToyBaseEvalConfig(
         base=str(random_tiny_dir), num_prompts=2, seeds=1, num_inference_steps=2, out_dir=str(tmp_path)
@@ -168,7 +168,11 @@ def test_eval_toybase_reports_seen_and_held_out(random_tiny_dir, tmp_path):
     assert "background" in report["splits"]["held-out"]
     assert 0 <= report["vae_psnr_db"] < 60
     assert 0 <= report["clip_retrieval_top1_heldout"] <= 1
-    assert json.loads((tmp_path / "report.json").read_text())["config"]["num_prompts"] == 2
+    recorded = json.loads((tmp_path / "report.json").read_text())["config"]
+    assert recorded["num_prompts"] == 2
+    # No guidance given: a toy-world model folder is sampled at tiny's recommended guidance, not SD's 7.5.
+    assert recorded["guidance_scale"] == BUILTIN_MODELS["tiny"].guidance_scale != 7.5
+    assert f"guidance {BUILTIN_MODELS['tiny'].guidance_scale:g}" in format_report(report)
     assert (tmp_path / "samples.png").is_file()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class ToyBaseEvalConfig:
         num_prompts: prompts per split (seen, held-out).
         seeds: images per prompt.
         two_object_prob: share of two-object prompts.
+        guidance_scale: classifier-free guidance; None: `toy_guidance(base)`.
         batch_prompts: prompts per pipeline call (x seeds images per call).
     """
 
@@ -40,11 +41,20 @@ class ToyBaseEvalConfig:
     num_prompts: int = 120
     seeds: int = 8
     num_inference_steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None
     two_object_prob: float = 0.3
     batch_prompts: int = 4
     seed: int = 2024
     out_dir: str = "out/eval-toybase"
+
+
+def toy_guidance(base: str) -> float:
+    """The guidance a toy-world base is evaluated at: a built-in's recommended one; for a model folder
+    (e.g. a `pimg toyworld train-base` result), `tiny`'s, since it is the same domain and training, and
+    SD's usual 7.5 would overshoot it (two-object accuracy falls as guidance rises past 3)."""
+    from pimg.models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS.get(base, BUILTIN_MODELS["tiny"]).guidance_scale
 
 
 def eval_prompts(split: str, n: int, seed: int, two_object_prob: float) -> list[tuple[str, object]]:
@@ -122,6 +132,8 @@ def evaluate_base(config: ToyBaseEvalConfig) -> dict:
     from pimg.models import describe_base, load_base
 
     started = time.time()
+    if config.guidance_scale is None:
+        config = replace(config, guidance_scale=toy_guidance(config.base))
     pipe = load_base(config.base)
     pipe.set_progress_bar_config(disable=True)
     out = Path(config.out_dir)
@@ -168,5 +180,10 @@ def format_report(report: dict) -> str:
             f"CLIP caption retrieval top-1 (held-out, 100 candidates): "
             f"{100 * report['clip_retrieval_top1_heldout']:.1f}%"
         )
+    settings = report["config"]
+    lines.append(
+        f"{settings['num_prompts']} prompts per split x {settings['seeds']} seeds, "
+        f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']:g}"
+    )
     lines.append(f"wall time: {report['wall_time_s']:.0f} s")
     return "\n".join(lines)
