@@ -428,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     etb.add_argument("--prompts", type=int, default=240, help="prompts per split")
     etb.add_argument("--seeds", type=int, default=8)
     etb.add_argument("--steps", type=int, default=25)
-    etb.add_argument("--guidance", type=float, default=None, help="default: the base's recommended guidance")
+    etb.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default: a built-in's recommended guidance; for a folder, tiny's",
+    )
     etb.add_argument("--out", default="out/eval-toybase")
     etb.set_defaults(func=cmd_eval_toybase)
     ets = ev_sub.add_parser(
