@@ -3,7 +3,7 @@
     python app.py                                   # the tiny model on CPU, http://127.0.0.1:7860
     python app.py --base /models/sd15 --auth me:secret --output-dir /data/pimg-app
 
-`build_demo` lays out the page and maps its events to `pimg.demo.DemoBackend`, which does the work
+`build_demo` lays out the page and maps its events to `pimg.frontends.demo.DemoBackend`, which does the work
 on plain values (tests drive it directly). Nothing loads at import: the base pipeline and the metric
 backbones load on first use (or in `main()`) and are cached. Every session gets its own folder under
 the output folder, so people using the demo at once never see each other's subjects or images, and
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from pimg.demo import BASE_CHOICE, MAX_IMAGES, METHOD_LABELS, UPLOAD_LIMITS, DemoBackend
 from pimg.errors import PimgError
+from pimg.frontends.demo import BASE_CHOICE, MAX_IMAGES, METHOD_LABELS, UPLOAD_LIMITS, DemoBackend
 
 #: How many saved subjects one generation can combine.
 SUBJECT_SLOTS = 3

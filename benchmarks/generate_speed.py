@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--skip-cli", action="store_true", help="do not time the whole CLI command")
     args = parser.parse_args()
 
+    from pimg.inference.pipeline import PersonalizedPipeline
     from pimg.models import load_base, pick_device
-    from pimg.pipeline import PersonalizedPipeline
 
     device, dtype, reason = pick_device(args.device)
     print(f"{reason}; torch threads: {torch.get_num_threads()}")
@@ -87,7 +87,7 @@ def main() -> None:
                 [
                     sys.executable,
                     "-m",
-                    "pimg.cli",
+                    "pimg.frontends.cli",
                     "generate",
                     "--base",
                     args.base,

@@ -35,7 +35,6 @@ def _report(name: str, n: int, seconds: float) -> None:
 
 def _toy(args) -> None:
     from pimg.metrics import load_embedder, load_metric
-
     from pimg.toyworld.subjects import EVAL_SUBJECTS
 
     subjects = list(EVAL_SUBJECTS.values())
@@ -61,6 +60,7 @@ def _toy(args) -> None:
 
 def _faces(args) -> None:
     from PIL import Image
+
     from pimg.metrics import load_metric
     from pimg.metrics.real_vs_real import MULTIPLE, photo_groups
 
@@ -90,8 +90,9 @@ def _faces(args) -> None:
 def _architectures(args, tmp: str) -> None:
     import numpy as np
     from PIL import Image
-    from pimg.metrics import load_embedder, load_metric
     from transformers import ViTConfig, ViTModel
+
+    from pimg.metrics import load_embedder, load_metric
 
     rng = np.random.default_rng(0)
     images = [

@@ -19,13 +19,18 @@ import itertools
 
 import numpy as np
 import torch
-from pimg.trainers.personalize import builtin_preset, load_train_config
-from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, score
 
-from pimg.diffusion_training import TextConditioner, denoising_loss, encode_latents, training_noise_scheduler
-from pimg.pipeline import PersonalizedPipeline
+from pimg.inference.pipeline import PersonalizedPipeline
 from pimg.toyworld.checker import read_background
 from pimg.toyworld.subjects import EVAL_SUBJECTS
+from pimg.trainers.diffusion_training import (
+    TextConditioner,
+    denoising_loss,
+    encode_latents,
+    training_noise_scheduler,
+)
+from pimg.trainers.personalize import builtin_preset, load_train_config
+from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, score
 
 
 def phrases_of(subject) -> list[str]:

@@ -24,11 +24,11 @@ import itertools
 
 import numpy as np
 import torch.nn.functional as F
-from pimg.metrics.clip import ToyClipEmbedder
-from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, score
 
-from pimg.pipeline import PersonalizedPipeline
+from pimg.inference.pipeline import PersonalizedPipeline
+from pimg.metrics.clip import ToyClipEmbedder
 from pimg.toyworld.subjects import EVAL_SUBJECTS
+from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, score
 
 
 def whole_words(tokenizer) -> list[str]:

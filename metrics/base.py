@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from pimg.metrics.images import ImageLike, Preprocess, load_images
 
 from pimg.errors import InputError, ModelLoadError
+from pimg.metrics.images import ImageLike, Preprocess, load_images
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pimg.metrics.dreambench import DEFAULT_TOKEN, BenchSubject, read_dreambench
-
 from pimg.errors import InputError
+from pimg.metrics.dreambench import DEFAULT_TOKEN, BenchSubject, read_dreambench
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # What `pimg train ti` (and pivotal LoRA) writes: the SD file, its .bin twin from older tools, SDXL's file.
@@ -73,7 +72,7 @@ class BenchGenerateConfig:
 
 def subject_parts(folder: Path, token: str | None, lora_scale: float) -> list:
     """The LoRA and embedding parts in a subject's weights folder (empty when it holds neither)."""
-    from pimg.pipeline import EmbeddingPart, LoraPart
+    from pimg.inference.pipeline import EmbeddingPart, LoraPart
 
     parts = []
     embedding = next((folder / n for n in EMBEDDING_FILES if (folder / n).is_file()), None)
@@ -134,8 +133,8 @@ def generate_bench(config: BenchGenerateConfig) -> dict:
     """
     from tqdm.auto import tqdm
 
+    from pimg.inference.pipeline import EmbeddingPart, PersonalizedPipeline
     from pimg.models import BUILTIN_MODELS, pick_device
-    from pimg.pipeline import EmbeddingPart, PersonalizedPipeline
 
     started = time.time()
     bench = read_dreambench(config.dataset)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from pimg.metrics.base import cosine_matrix, embed_in_batches, is_missing_local_path, model_load_error
-from pimg.metrics.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TOY_CLIP_64, ImageLike, Preprocess
 
 from pimg.errors import ModelLoadError
+from pimg.metrics.base import cosine_matrix, embed_in_batches, is_missing_local_path, model_load_error
+from pimg.metrics.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TOY_CLIP_64, ImageLike, Preprocess
 
 DEFAULT_OPEN_CLIP = ("ViT-B-32", "openai")
 DEFAULT_TRANSFORMERS_CLIP = "openai/clip-vit-base-patch32"

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from pimg.metrics.base import cosine_matrix, embed_in_batches, is_missing_local_path, model_load_error
 from pimg.metrics.images import DINO_224, ImageLike
 

@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pimg.metrics.images import IMAGE_SUFFIXES, image_files
-
 from pimg.errors import InputError
+from pimg.metrics.images import IMAGE_SUFFIXES, image_files
 
 CLASSES_FILE = "prompts_and_classes.txt"
 MANIFEST_FILE = "manifest.jsonl"

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from pimg.errors import InputError
 from pimg.metrics.dreambench import DEFAULT_TOKEN, BenchSubject, DreamBench, index_generated, read_dreambench
 from pimg.metrics.images import load_image
 from pimg.metrics.registry import METRICS, load_embedder, load_metric
-
-from pimg.errors import InputError
 
 DEFAULT_METRICS = ("dino", "clip-i", "clip-t", "face-id")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pimg.metrics.base import cosine_matrix
-from pimg.metrics.images import ImageLike, load_image
 
 from pimg.errors import ModelLoadError
+from pimg.metrics.base import cosine_matrix
+from pimg.metrics.images import ImageLike, load_image
 
 DEFAULT_INSIGHTFACE_PACK = "buffalo_l"
 

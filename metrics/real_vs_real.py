@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pimg.metrics.images import image_files
 
 from pimg.errors import InputError
+from pimg.metrics.images import image_files
 
 #: identities.csv label of photos that show several people (kept out of identity pairs).
 MULTIPLE = "multiple"

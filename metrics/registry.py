@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pimg.metrics.base import ImageSimilarity, TextSimilarity
 
 from pimg.errors import InputError
+from pimg.metrics.base import ImageSimilarity, TextSimilarity
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from pimg.metrics.images import ImageLike, load_image
 
 

@@ -103,7 +103,7 @@ def detect_family(kind: str, location: str) -> str:
         class_name = json.loads(index.read_text()).get("_class_name", "")
         return "sdxl" if "XL" in class_name else "sd"
     if kind == "file":
-        from pimg.lora_formats import read_safetensors
+        from pimg.formats.lora import read_safetensors
 
         if location.endswith(".safetensors"):
             keys = read_safetensors(location).keys()
@@ -129,7 +129,7 @@ def load_base(
             file (SD 1.x/2.x or SDXL), or a hub id.
         device: torch device; the library default is CPU.
         dtype: torch dtype; the library default is float32.
-        scheduler: a name from `pimg.schedulers.list_schedulers()`, or None for the model's own.
+        scheduler: a name from `pimg.inference.schedulers.list_schedulers()`, or None for the model's own.
         config_folder: for single files, a local diffusers folder of the same family whose configs
             describe the checkpoint (needed offline, where diffusers cannot fetch them).
     Returns:
@@ -154,7 +154,7 @@ def load_base(
     except (OSError, ValueError) as exc:
         raise _load_error(base, kind, exc) from exc
     if scheduler is not None:
-        from pimg.schedulers import make_scheduler
+        from pimg.inference.schedulers import make_scheduler
 
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(leave=False)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pimg.demo import BASE_CHOICE, DemoBackend, strip_tokens
 from pimg.errors import InputError, ModelLoadError
-from pimg.subject_store import (
+from pimg.frontends.demo import BASE_CHOICE, DemoBackend, strip_tokens
+from pimg.frontends.subject_store import (
     SavedSubject,
     SessionSpace,
     SubjectStore,
@@ -27,8 +27,8 @@ from pimg.subject_store import (
     new_session_id,
     subject_parts,
 )
+from pimg.frontends.uploads import UploadLimits, check_uploads, copy_uploads, image_problem
 from pimg.toyworld.subjects import EVAL_SUBJECTS
-from pimg.uploads import UploadLimits, check_uploads, copy_uploads, image_problem
 
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[app]'")
 
@@ -202,10 +202,9 @@ def test_bad_upload_becomes_a_page_message(tmp_path):
 
 
 def test_demo_trains_from_the_builtin_base_preset(tmp_path, random_tiny_dir):
+    from pimg.config import load_config
     from pimg.trainers.lora import LoraTrainConfig
     from pimg.trainers.personalize import CONFIGS, builtin_preset
-
-    from pimg.config import load_config
 
     preset = load_config(LoraTrainConfig, CONFIGS / "lora_tiny.yaml")
     assert preset.batch_size != LoraTrainConfig().batch_size  # else this test could not tell them apart

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pimg.cli import main
 from pimg.config import load_config
 from pimg.errors import InputError
+from pimg.frontends.cli import main
 
 
 def _generate(base, out, *extra):
@@ -87,7 +87,7 @@ def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path, 
         [
             sys.executable,
             "-m",
-            "pimg.cli",
+            "pimg.frontends.cli",
             "generate",
             "--prompt",
             "a red star",

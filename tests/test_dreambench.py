@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 from PIL import Image
-from pimg.metrics.dreambench import index_generated, read_dreambench
 
-from pimg.cli import main
+from pimg.frontends.cli import main
+from pimg.metrics.dreambench import index_generated, read_dreambench
 from pimg.toyworld.subjects import EVAL_SUBJECTS
 
 STAR, CIRCLE = list(EVAL_SUBJECTS.values())[:2]
@@ -45,8 +45,8 @@ def fake_bench(tmp_path_factory, random_tiny_dir):
     """(dataset folder, subject-weights folder): ringed star with a LoRA, banded circle with an embedding."""
     from peft import LoraConfig
 
-    from pimg.embeddings import save_embedding
-    from pimg.lora_formats import lora_state_dict_from_peft, save_lora
+    from pimg.formats.embeddings import save_embedding
+    from pimg.formats.lora import lora_state_dict_from_peft, save_lora
     from pimg.models import load_base
 
     root = tmp_path_factory.mktemp("bench")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pimg.embeddings import check_embedding, multi_vector_tokens, read_embedding_file, save_embedding
 from pimg.errors import InputError, ModelLoadError
+from pimg.formats.embeddings import check_embedding, multi_vector_tokens, read_embedding_file, save_embedding
 
 # Single characters (and their word-end forms, "a</w>") plus the whole word "sks", built by two merges,
 # so one test can meet a token that already exists.

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.lora_formats import (
+from pimg.formats.lora import (
     DIFFUSERS_LORA_FILENAME,
     KOHYA_LORA_FILENAME,
     detect_lora_format,

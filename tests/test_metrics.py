@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from pimg.errors import InputError, ModelLoadError
 from pimg.metrics import (
     DINO_224,
     OPENAI_CLIP_224,
@@ -27,8 +29,6 @@ from pimg.metrics import (
 )
 from pimg.metrics.base import mean_over_references
 from pimg.metrics.images import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
-
-from pimg.errors import InputError, ModelLoadError
 from pimg.toyworld.subjects import EVAL_SUBJECTS
 
 STAR, CIRCLE = list(EVAL_SUBJECTS.values())[:2]

@@ -8,15 +8,15 @@ import torch
 from peft import LoraConfig
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.lora_formats import (
+from pimg.formats.lora import (
     DIFFUSERS_LORA_FILENAME,
     KOHYA_LORA_FILENAME,
     lora_state_dict_from_peft,
     save_lora,
 )
+from pimg.formats.safetensors_io import read_safetensors
+from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline, read_png_settings
 from pimg.models import describe_base, load_base
-from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline, read_png_settings
-from pimg.safetensors_io import read_safetensors
 
 FAST = dict(num_inference_steps=4, guidance_scale=5.0)
 
@@ -115,7 +115,7 @@ def test_schedulers_by_name(pp):
 
 
 def test_zero_terminal_snr_schedule_carries_over_or_is_refused():
-    from pimg.schedulers import make_scheduler
+    from pimg.inference.schedulers import make_scheduler
     from pimg.toyworld.architecture import build_scheduler
 
     base = build_scheduler("v_prediction", zero_terminal_snr=True).config
@@ -212,7 +212,7 @@ def test_truncated_lora_file_is_a_clear_error(pp, tmp_path, lora_dir):
 
 
 def test_textual_inversion_part_and_plain_diffusers(random_tiny_dir, tmp_path):
-    from pimg.embeddings import save_embedding
+    from pimg.formats.embeddings import save_embedding
 
     pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
     dim = pp.pipe.text_encoder.config.hidden_size
@@ -229,7 +229,7 @@ def test_textual_inversion_part_and_plain_diffusers(random_tiny_dir, tmp_path):
 
 
 def test_multi_vector_embedding_detaches_fully_and_attaches_again(random_tiny_dir, tmp_path):
-    from pimg.embeddings import save_embedding
+    from pimg.formats.embeddings import save_embedding
 
     pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
     vocab_size = len(pp.pipe.tokenizer)
@@ -260,7 +260,7 @@ def test_sdxl_embedding_on_an_sd_base_is_a_clear_error(pp, tmp_path):
 
 
 def test_embedding_token_already_in_the_tokenizer_is_refused(random_tiny_dir, tmp_path):
-    from pimg.embeddings import save_embedding
+    from pimg.formats.embeddings import save_embedding
 
     pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
     path = save_embedding(

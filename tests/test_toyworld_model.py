@@ -79,7 +79,7 @@ def _train_base_args(config, out) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 2-steps-per-stage run of clip, vae, unet (the default stages)."""
-    from pimg.cli import main
+    from pimg.frontends.cli import main
 
     folder = tmp_path_factory.mktemp("train_base")
     config = folder / "fast.yaml"
@@ -91,7 +91,7 @@ def trained_run(tmp_path_factory):
 def test_train_base_stages_run_and_resume_skips_finished_stages(trained_run):
     from diffusers import StableDiffusionPipeline
 
-    from pimg.cli import main
+    from pimg.frontends.cli import main
 
     out, config = trained_run
     model = out / "unet" / "model"
@@ -108,7 +108,7 @@ def test_continued_unet_starts_from_the_finished_model_and_tunes_its_text_tower(
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
 
-    from pimg.cli import main
+    from pimg.frontends.cli import main
 
     first, _ = trained_run
     # A new run folder: the unet stage takes VAE, CLIP and tokenizer from unet_init.
@@ -144,10 +144,10 @@ def test_continued_unet_starts_from_the_finished_model_and_tunes_its_text_tower(
 
 def test_zero_terminal_snr_needs_v_prediction_and_ends_in_pure_noise():
     from diffusers import DDPMScheduler
-    from pimg.trainers.toy_base import ToyBaseConfig
 
     from pimg.errors import TrainingError
     from pimg.toyworld.architecture import noise_schedule
+    from pimg.trainers.toy_base import ToyBaseConfig
 
     with pytest.raises(TrainingError, match="v_prediction"):
         ToyBaseConfig(zero_terminal_snr=True)
@@ -177,11 +177,10 @@ def test_eval_toybase_reports_seen_and_held_out(random_tiny_dir, tmp_path):
 
 
 def test_unet_training_captions_mix_empty_class_noun_and_full_captions():
-    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
-
     from pimg.errors import InputError
     from pimg.toyworld.captions import parse_caption
     from pimg.toyworld.scene import ObjectSpec, Scene
+    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
 
     one = Scene("green", (ObjectSpec("star", "red", None, "solid", "large", "left"),))
     two = Scene(
@@ -203,9 +202,8 @@ def test_unet_training_captions_mix_empty_class_noun_and_full_captions():
 
 
 def test_unet_init_that_is_not_a_model_folder_is_refused_before_any_loading(tmp_path):
-    from pimg.trainers.toy_base import ToyBaseConfig, train_base
-
     from pimg.errors import TrainingError
+    from pimg.trainers.toy_base import ToyBaseConfig, train_base
 
     config = ToyBaseConfig(
         out_dir=str(tmp_path / "run"), stages=("unet",), unet_init=str(tmp_path / "missing")
@@ -215,11 +213,10 @@ def test_unet_init_that_is_not_a_model_folder_is_refused_before_any_loading(tmp_
 
 
 def test_object_loss_weight_weighs_the_latent_pixels_under_objects():
-    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
-
     from pimg.errors import TrainingError
     from pimg.toyworld.render import render_scene
     from pimg.toyworld.scene import ObjectSpec, Scene
+    from pimg.trainers.toy_base import ToyBaseConfig, UnetStage
 
     scene = Scene("green", (ObjectSpec("square", "red", None, "solid", "small", "left"),))
     image = render_scene(scene, noise=0)
@@ -241,7 +238,7 @@ def test_object_loss_weight_weighs_the_latent_pixels_under_objects():
 def test_denoising_loss_with_pixel_weights_is_the_weighted_mean_of_the_squared_error():
     from diffusers import DDPMScheduler
 
-    from pimg.diffusion_training import Conditioning, denoising_loss
+    from pimg.trainers.diffusion_training import Conditioning, denoising_loss
 
     class Echo(torch.nn.Module):
         """Predicts its input: the squared error is then known in closed form from the same draws."""
@@ -287,10 +284,10 @@ def test_denoising_loss_with_pixel_weights_is_the_weighted_mean_of_the_squared_e
 
 def test_high_noise_share_moves_that_share_of_timesteps_into_the_noisier_half():
     from diffusers import DDPMScheduler
-    from pimg.trainers.toy_base import ToyBaseConfig
 
-    from pimg.diffusion_training import Conditioning, denoising_loss
     from pimg.errors import TrainingError
+    from pimg.trainers.diffusion_training import Conditioning, denoising_loss
+    from pimg.trainers.toy_base import ToyBaseConfig
 
     class Recorder(torch.nn.Module):
         def forward(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -319,10 +316,9 @@ def test_high_noise_share_moves_that_share_of_timesteps_into_the_noisier_half():
 
 
 def test_high_noise_share_schedule_runs_linearly_from_start_to_end_over_the_unet_steps():
+    from pimg.errors import TrainingError
     from pimg.trainers.loop import LoopConfig
     from pimg.trainers.toy_base import StageConfig, ToyBaseConfig
-
-    from pimg.errors import TrainingError
 
     def share_at(step: int, **settings) -> float:
         config = ToyBaseConfig(unet=StageConfig(loop=LoopConfig(steps=101)), **settings)
@@ -341,8 +337,9 @@ def test_high_noise_share_schedule_runs_linearly_from_start_to_end_over_the_unet
 def test_plain_attention_computes_what_sdpa_does_in_training(random_tiny_dir):
     """The CPU training speed-up swaps the attention kernel only: same outputs, same gradients."""
     from diffusers import UNet2DConditionModel
-    from pimg.trainers.toy_base import _use_plain_attention
     from transformers import CLIPTextModel
+
+    from pimg.trainers.toy_base import _use_plain_attention
 
     unet = UNet2DConditionModel.from_pretrained(str(random_tiny_dir / "unet"))
     text_encoder = CLIPTextModel.from_pretrained(str(random_tiny_dir / "text_encoder"))

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pimg.trainers.loop import latest_checkpoint, run_training
-from pimg.trainers.personalize import list_methods, load_train_config, train
-from pimg.trainers.toy_base import ToyBaseConfig
 
 from pimg.config import load_config
 from pimg.errors import InputError, TrainingError
-from pimg.generate import GenerateRequest, default_guidance
+from pimg.formats.safetensors_io import read_safetensors
+from pimg.inference.generate import GenerateRequest, default_guidance
 from pimg.photos import save_photos
-from pimg.safetensors_io import read_safetensors
-from pimg.subject_training import recorded_guidance
+from pimg.trainers.loop import latest_checkpoint, run_training
+from pimg.trainers.personalize import list_methods, load_train_config, train
+from pimg.trainers.subject_training import recorded_guidance
+from pimg.trainers.toy_base import ToyBaseConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -195,9 +195,8 @@ def test_resume_after_kill_is_exact(case, accumulation, random_tiny_dir, photos_
 
 def test_class_image_cache_follows_the_base_weights_not_its_name(photos_dir, tmp_path):
     """A base retrained under the same name must not be served the old base's class images."""
-    from pimg.trainers.personalize import method_classes
-
     from pimg.toyworld.architecture import build_random_pipeline
+    from pimg.trainers.personalize import method_classes
 
     base, cache = tmp_path / "base", tmp_path / "class_images"
     overrides = {**CASES["dreambooth"][1], "class_images_dir": str(cache)}
@@ -281,7 +280,7 @@ def test_new_token_learning_refuses_existing_word(random_tiny_dir, photos_dir, t
 
 
 def test_new_tokens_start_from_a_phrase_one_word_per_vector(random_tiny_dir):
-    from pimg.diffusion_training import NewTokens
+    from pimg.trainers.diffusion_training import NewTokens
 
     pipe = plain_pipeline(random_tiny_dir)
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -299,7 +298,7 @@ def test_new_tokens_start_from_a_phrase_one_word_per_vector(random_tiny_dir):
 
 
 def test_new_tokens_train_only_their_rows(random_tiny_dir):
-    from pimg.diffusion_training import NewTokens, TextConditioner
+    from pimg.trainers.diffusion_training import NewTokens, TextConditioner
 
     pipe = plain_pipeline(random_tiny_dir)
     pipe.text_encoder.requires_grad_(False)
@@ -317,7 +316,7 @@ def test_new_tokens_train_only_their_rows(random_tiny_dir):
 
 
 def test_cli_train_and_errors(random_tiny_dir, photos_dir, tmp_path, capsys):
-    from pimg.cli import main
+    from pimg.frontends.cli import main
 
     args = [
         "train",
@@ -432,7 +431,7 @@ def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, pho
     """SDXL TI writes one part per text encoder, which pimg's pipeline and plain diffusers both load."""
     from diffusers import StableDiffusionXLPipeline
 
-    from pimg.pipeline import EmbeddingPart, PersonalizedPipeline
+    from pimg.inference.pipeline import EmbeddingPart, PersonalizedPipeline
 
     config = fast_config("ti", random_sdxl_dir, photos_dir, tmp_path / "ti", n_vectors=2)
     out = train("ti", config, progress=False)
@@ -465,7 +464,7 @@ def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos
     """The SDXL paths (two text encoders, text-time conditioning) train and load as the SD ones do."""
     from diffusers import StableDiffusionXLPipeline
 
-    from pimg.pipeline import LoraPart, PersonalizedPipeline
+    from pimg.inference.pipeline import LoraPart, PersonalizedPipeline
 
     overrides = {"num_class_images": 2} if method == "dreambooth" else {"train_text_encoder": True}
     config = fast_config(method, random_sdxl_dir, photos_dir, tmp_path / method, **overrides)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pimg.trainers.loop import LoopConfig
 
 from pimg.errors import InputError
 from pimg.models import recommended_guidance, weights_fingerprint
 from pimg.photos import load_photos, save_photos
-from pimg.subject_training import SubjectBatch, SubjectConfig, SubjectTraining, epoch_indices
+from pimg.trainers.loop import LoopConfig
+from pimg.trainers.subject_training import SubjectBatch, SubjectConfig, SubjectTraining, epoch_indices
 
 
 @dataclass
@@ -89,7 +89,7 @@ class DreamBoothMethod(SubjectTraining):
         if config.prior_preservation:
             folder = Path(config.class_images_dir or Path(config.out_dir) / "class_images")
             images = self.class_images(folder)
-            from pimg.diffusion_training import encode_latents
+            from pimg.trainers.diffusion_training import encode_latents
 
             self.class_latents = encode_latents(self.pipe.vae, images)
             prompts = [self.prompt(p) for p in config.class_prompts]
@@ -156,7 +156,7 @@ class DreamBoothMethod(SubjectTraining):
         )
         time_ids = None
         if self.sdxl:
-            from pimg.diffusion_training import sdxl_time_ids
+            from pimg.trainers.diffusion_training import sdxl_time_ids
 
             size = (self.resolution, self.resolution)
             time_ids = torch.stack([sdxl_time_ids(size, (0, 0), size)] * len(idx))

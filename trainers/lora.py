@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pimg.trainers.loop import LoopConfig
 
-from pimg.diffusion_training import NewTokens, save_new_tokens
 from pimg.errors import InputError
-from pimg.subject_training import SubjectConfig, SubjectTraining
+from pimg.trainers.diffusion_training import NewTokens, save_new_tokens
+from pimg.trainers.loop import LoopConfig
+from pimg.trainers.subject_training import SubjectConfig, SubjectTraining
 
 #: SD/SDXL UNet attention projections, the usual LoRA targets.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -151,7 +151,7 @@ class LoraMethod(SubjectTraining):
         return groups
 
     def save(self, out_dir: Path) -> None:
-        from pimg.lora_formats import lora_state_dict_from_peft, save_lora
+        from pimg.formats.lora import lora_state_dict_from_peft, save_lora
 
         c = self.config
         state = lora_state_dict_from_peft(self.pipe.unet, "unet", c.adapter_name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pimg.config import load_config
 from pimg.errors import InputError
-from pimg.subject_training import config_record
+from pimg.trainers.subject_training import config_record
 
 #: Method name -> (module under pimg.trainers, config class, method class).
 METHODS: dict[str, tuple[str, str, str]] = {

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pimg.trainers.loop import LoopConfig
-
-from pimg.diffusion_training import NewTokens, save_new_tokens
 from pimg.errors import InputError
-from pimg.subject_training import SubjectConfig, SubjectTraining
+from pimg.trainers.diffusion_training import NewTokens, save_new_tokens
+from pimg.trainers.loop import LoopConfig
+from pimg.trainers.subject_training import SubjectConfig, SubjectTraining
 
 
 @dataclass

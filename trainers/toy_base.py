@@ -25,15 +25,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pimg.trainers.loop import LoopConfig, latest_checkpoint, run_training
 
-from pimg.diffusion_training import Conditioning, denoising_loss
 from pimg.errors import TrainingError
 from pimg.imaging import grid, to_model_range, to_uint8
 from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
 from pimg.toyworld.checker import object_mask
 from pimg.toyworld.tokenizer import build_tokenizer
+from pimg.trainers.diffusion_training import Conditioning, denoising_loss
+from pimg.trainers.loop import LoopConfig, latest_checkpoint, run_training
 
 STAGES = ("clip", "vae", "unet", "decoder")
 #: Folder each stage writes its finished result to, inside its stage folder.

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pimg.errors import InputError
-from pimg.subject_training import config_record
+from pimg.trainers.subject_training import config_record
 
 #: Evaluation method -> (training method, config overrides on top of its tiny preset).
 EVAL_METHODS: dict[str, tuple[str, dict]] = {
@@ -129,10 +129,9 @@ def evaluate_subject(
     subject, config: ToySubjectEvalConfig, base_pipe, out: Path, overrides: dict, progress: bool
 ):
     """Train on one subject and score it; returns (report row, photos, one generated image per background)."""
-    from pimg.trainers.personalize import train
-
     from pimg.photos import save_photos
     from pimg.toyworld.checker import read_background
+    from pimg.trainers.personalize import train
 
     run_dir = out / subject.name
     shutil.rmtree(run_dir / "result", ignore_errors=True)
@@ -181,7 +180,7 @@ def evaluate_subjects(
         >>> evaluate_subjects(ToySubjectEvalConfig(method="lora", subjects=5))["mean"]["fidelity"]
     """
     from pimg.imaging import grid
-    from pimg.pipeline import PersonalizedPipeline
+    from pimg.inference.pipeline import PersonalizedPipeline
     from pimg.toyworld.subjects import EVAL_SUBJECTS
 
     subjects = list(EVAL_SUBJECTS.values())
@@ -219,7 +218,7 @@ def evaluate_subjects(
 
 def _load_trained(train_method: str, train_config, result: Path):
     """The trained result loaded the way a user loads it: pimg parts on the base, or the DreamBooth folder."""
-    from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
+    from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
 
     if train_method == "dreambooth":
         pipe = PersonalizedPipeline.from_base(str(result))

@@ -78,8 +78,8 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     """
     from tqdm.auto import tqdm
 
+    from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
     from pimg.models import pick_device
-    from pimg.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
 
     request.validate()
     prompts = request.all_prompts()
@@ -132,7 +132,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
 def default_guidance(request: GenerateRequest) -> tuple[float, str]:
     """The guidance when none is given, and where it comes from (`guidance_without_choice` of the
     request's LoRAs and embeddings on its base)."""
-    from pimg.subject_training import guidance_without_choice
+    from pimg.trainers.subject_training import guidance_without_choice
 
     subjects = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
     return guidance_without_choice(request.base, subjects)

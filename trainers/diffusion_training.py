@@ -295,7 +295,7 @@ class NewTokens:
     """
 
     def __init__(self, tokenizer, text_encoder, token: str, n_vectors: int = 1, init_word: str = ""):
-        from pimg.embeddings import multi_vector_tokens
+        from pimg.formats.embeddings import multi_vector_tokens
 
         if n_vectors < 1:
             raise InputError(f"n_vectors must be >= 1, got {n_vectors}.")
@@ -352,8 +352,8 @@ def save_new_tokens(out_dir, token: str, tokens: list[NewTokens]) -> str:
     """
     from pathlib import Path
 
-    from pimg.embeddings import DIFFUSERS_EMBEDDING_FILENAME, save_embedding
-    from pimg.safetensors_io import write_safetensors_atomically
+    from pimg.formats.embeddings import DIFFUSERS_EMBEDDING_FILENAME, save_embedding
+    from pimg.formats.safetensors_io import write_safetensors_atomically
 
     if len(tokens) == 1:
         save_embedding(out_dir, token, tokens[0].vectors)

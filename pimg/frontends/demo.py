@@ -1,10 +1,10 @@
 """The web demo's logic on plain values: sessions, training, generation and evaluation.
 
 `app.py` lays out the page and turns these values into components; everything else is here, so it
-can be tested without a browser. Like `pimg.cli`, this module sits on top of the library: it reaches
+can be tested without a browser. Like `pimg.frontends.cli`, this module sits on top of the library: it reaches
 the trainers and metrics through lazy imports, and loads no model before first use.
 
-Sessions run in threads of one process. Each has its own folder (`pimg.subject_store.SessionSpace`):
+Sessions run in threads of one process. Each has its own folder (`pimg.frontends.subject_store.SessionSpace`):
 its uploads, subjects and images are never visible to another session. Torch modules are built under
 one process-wide lock (`BUILD_LOCK`, see there); training loops and denoising run side by side.
 
@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from pimg.errors import InputError, PimgError
-from pimg.subject_store import (
+from pimg.frontends.subject_store import (
     SavedSubject,
     SessionSpace,
     check_prompt_tokens,
     new_session_id,
     subject_parts,
 )
-from pimg.uploads import UploadLimits, check_uploads, copy_uploads
+from pimg.frontends.uploads import UploadLimits, check_uploads, copy_uploads
 
 #: Method label on the page -> trainer name in `pimg.trainers.personalize.METHODS`.
 METHOD_LABELS = {"LoRA": "lora", "DreamBooth": "dreambooth", "Textual Inversion": "ti"}
@@ -171,7 +171,7 @@ class DemoBackend:
 
     def pipeline(self, base: str | None = None):
         """The cached pipeline of `base` (default: the app's base); loads it on first use."""
-        from pimg.pipeline import PersonalizedPipeline
+        from pimg.inference.pipeline import PersonalizedPipeline
 
         base = base or self.base
         with BUILD_LOCK:
@@ -277,9 +277,9 @@ class DemoBackend:
         return self.output_dir / "class_images" / base / noun
 
     def _run_training(self, trainer: str, config, out: Path, name: str):
-        from pimg.subject_training import config_record
         from pimg.trainers.loop import run_training
         from pimg.trainers.personalize import method_classes
+        from pimg.trainers.subject_training import config_record
 
         failure: list[BaseException] = []
 
@@ -345,7 +345,7 @@ class DemoBackend:
         if guidance_scale is not None:
             guidance = float(guidance_scale)
         else:  # what the chosen subjects' trainings recommend, else the base's
-            from pimg.subject_training import guidance_without_choice
+            from pimg.trainers.subject_training import guidance_without_choice
 
             subjects = [space.store.path(s, s.weights) for s, _ in picks]
             guidance, _ = guidance_without_choice(self.base, subjects)

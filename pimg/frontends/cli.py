@@ -29,7 +29,7 @@ def _embedding_arg(text: str) -> tuple[str, str | None]:
 
 
 def cmd_generate(args) -> None:
-    from pimg.generate import GenerateRequest, run_generate
+    from pimg.inference.generate import GenerateRequest, run_generate
 
     request = GenerateRequest(
         base=args.base,

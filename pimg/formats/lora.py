@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.safetensors_io import (
+from pimg.formats.safetensors_io import (
     read_safetensors,
     read_safetensors_metadata,
     read_torch_weights,

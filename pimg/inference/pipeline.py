@@ -82,7 +82,7 @@ class LoraPart(Part):
         self.scale = float(scale)
 
     def attach(self, pipe) -> None:
-        from pimg.lora_formats import load_lora_state_dict
+        from pimg.formats.lora import load_lora_state_dict
 
         state_dict = load_lora_state_dict(self.path, _components(pipe))
         if any(key.startswith("text_encoder") for key in state_dict):
@@ -105,7 +105,7 @@ class EmbeddingPart(Part):
     kind = "embedding"
 
     def __init__(self, path: str | Path, token: str | None = None):
-        from pimg.embeddings import read_embedding_vectors
+        from pimg.formats.embeddings import read_embedding_vectors
 
         self.path = Path(path)
         self.token, self.per_encoder = read_embedding_vectors(self.path, token=token)
@@ -125,7 +125,7 @@ class EmbeddingPart(Part):
         return pairs
 
     def attach(self, pipe) -> None:
-        from pimg.embeddings import check_embedding
+        from pimg.formats.embeddings import check_embedding
 
         pairs = self._encoders(pipe)
         for (tokenizer, encoder), vectors in zip(pairs, self.per_encoder, strict=True):
@@ -136,7 +136,7 @@ class EmbeddingPart(Part):
             )
 
     def detach(self, pipe) -> None:
-        from pimg.embeddings import multi_vector_tokens
+        from pimg.formats.embeddings import multi_vector_tokens
 
         # diffusers unloads only the tokens it is given: an n-vector embedding added `<t>_1`, ... too,
         # and leaving them would refuse the same file when it is attached again.
@@ -227,7 +227,7 @@ class PersonalizedPipeline:
         return cls(pipe, base, scheduler)
 
     def set_scheduler(self, name: str) -> None:
-        from pimg.schedulers import make_scheduler
+        from pimg.inference.schedulers import make_scheduler
 
         self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
         self.scheduler_name = name

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pimg.diffusion_training import (
+from pimg.errors import InputError
+from pimg.imaging import grid
+from pimg.models import BUILTIN_MODELS, recommended_guidance
+from pimg.trainers.diffusion_training import (
     Conditioning,
     TextConditioner,
     denoising_loss,
@@ -30,9 +33,6 @@ from pimg.diffusion_training import (
     sdxl_time_ids,
     training_noise_scheduler,
 )
-from pimg.errors import InputError
-from pimg.imaging import grid
-from pimg.models import BUILTIN_MODELS, recommended_guidance
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.safetensors_io import (
+from pimg.formats.safetensors_io import (
     read_safetensors,
     read_safetensors_metadata,
     read_torch_weights,

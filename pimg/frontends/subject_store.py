@@ -244,7 +244,7 @@ def subject_parts(chosen: list[tuple[SavedSubject, float]], store: SubjectStore)
     Returns:
         (the DreamBooth pipeline folder to use as base, or None; the parts to add, in order).
     """
-    from pimg.pipeline import EmbeddingPart, LoraPart
+    from pimg.inference.pipeline import EmbeddingPart, LoraPart
 
     names = [s.name for s, _ in chosen]
     repeated = sorted({n for n in names if names.count(n) > 1})

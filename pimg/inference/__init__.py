@@ -1,0 +1,1 @@
+"""Inference: the shared pipeline, its parts, schedulers, the guidance rule and `pimg generate`."""
