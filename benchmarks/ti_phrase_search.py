@@ -11,8 +11,8 @@ photos and class noun:
    fidelity as `pimg eval toysubject` scores, at guidance 5 and 1.
 
 Prints, per subject and as a mean: the chosen phrase's fidelity at both guidances and the best fidelity
-among the candidates (what a perfect pick would reach). `configs/ti_tiny.yaml` records the figures and
-what happened when TI was trained from the chosen phrase.
+among the candidates (what a perfect pick would reach). `docs/experiments/ti_tiny.md` records the
+figures and what happened when TI was trained from the chosen phrase.
 
     python benchmarks/ti_phrase_search.py [--base tiny] [--candidates 12]
 """

@@ -29,11 +29,11 @@ def main() -> None:
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"))
     args = parser.parse_args()
 
-    from pimg.models import load_base
+    from pimg.inference.pipeline import PersonalizedPipeline
     from pimg.toyworld.evaluate import ToyBaseEvalConfig, eval_prompts, score_generation
 
-    pipe = load_base(args.base)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = PersonalizedPipeline.from_base(args.base)
+    pipe.pipe.set_progress_bar_config(disable=True)
     defaults = ToyBaseEvalConfig()
     # The same prompts as the held-out (or seen) split of `pimg eval toybase` would draw, all two-object.
     offset = 1 if args.split == "heldout" else 0

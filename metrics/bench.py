@@ -1,7 +1,8 @@
 """`pimg bench generate`: the DreamBench image set for trained subjects, resumable.
 
-For each subject with weights in `subject_weights/{subject}/` (a LoRA `pytorch_lora_weights.safetensors`
-and/or a Textual Inversion `learned_embeds.safetensors`), every prompt of its list (25) x
+For each subject with a result in `subject_weights/{subject}/` (what any registered method's training
+writes, e.g. a LoRA `pytorch_lora_weights.safetensors` and/or a Textual Inversion
+`learned_embeds.safetensors`; see `pimg.methods`), every prompt of its list (25) x
 `images_per_prompt` (4) images, written as `{subject}/{prompt_index:02d}_{k}.png`, the layout
 `pimg eval dreambench` reads. Image k of every prompt uses seed `seed + k`, so methods compared on
 the same seeds start from the same noise. Existing images are skipped: rerun to resume.
@@ -15,12 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pimg.errors import InputError
+from pimg.errors import InputError, ModelLoadError
 from pimg.metrics.dreambench import DEFAULT_TOKEN, BenchSubject, read_dreambench
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-# What `pimg train ti` (and pivotal LoRA) writes: the SD file, its .bin twin from older tools, SDXL's file.
-EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds.bin", "embeddings_sdxl.safetensors")
 
 
 @dataclass
@@ -29,7 +26,7 @@ class BenchGenerateConfig:
 
     Attributes:
         dataset: DreamBench-layout folder (subjects, classes and prompts).
-        subject_weights: folder of `{subject}/` folders with a LoRA and/or an embedding.
+        subject_weights: folder of `{subject}/` result folders (a LoRA, an embedding, a whole model).
         out: output folder (`{subject}/{prompt_index:02d}_{k}.png` and bench.json).
         base: base model (built-in name, diffusers folder, single file or hub id).
         subjects: subjects to generate; empty = every subject that has weights.
@@ -39,7 +36,7 @@ class BenchGenerateConfig:
             (an embedding's own token is used otherwise; a token in the dataset file wins over both).
         lora_scale: scale of each subject's LoRA.
         num_inference_steps, guidance_scale, negative_prompt: as in diffusers; guidance None = the
-            base model's recommended value.
+            one each subject's training recorded, else the base's (`choose_guidance`).
         seed: seed of image 0 of each prompt; image k uses seed + k.
         device: "auto" (CUDA in half precision when present, else CPU fp32), "cpu", "cuda", ...
     """
@@ -70,17 +67,15 @@ class BenchGenerateConfig:
             )
 
 
-def subject_parts(folder: Path, token: str | None, lora_scale: float) -> list:
-    """The LoRA and embedding parts in a subject's weights folder (empty when it holds neither)."""
-    from pimg.inference.pipeline import EmbeddingPart, LoraPart
+def subject_result(folder: Path, token: str | None, lora_scale: float):
+    """The subject's result in `folder` (`pimg.methods.load_result`), or None when it holds none."""
+    from pimg.methods import detect_method, load_result
 
-    parts = []
-    embedding = next((folder / n for n in EMBEDDING_FILES if (folder / n).is_file()), None)
-    if embedding is not None:
-        parts.append(EmbeddingPart(embedding, token))
-    if (folder / LORA_FILE).is_file():
-        parts.append(LoraPart(folder / LORA_FILE, lora_scale, name=f"subject_{folder.name}"))
-    return parts
+    try:
+        detect_method(folder)
+    except ModelLoadError:
+        return None
+    return load_result(folder, scale=lora_scale, name=f"subject_{folder.name}", token=token)
 
 
 def _missing_runs(missing: list[int]) -> list[tuple[int, int]]:
@@ -133,8 +128,9 @@ def generate_bench(config: BenchGenerateConfig) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from pimg.inference.pipeline import EmbeddingPart, PersonalizedPipeline
-    from pimg.models import BUILTIN_MODELS, pick_device
+    from pimg.inference.guidance import choose_guidance
+    from pimg.inference.pipeline import PersonalizedPipeline
+    from pimg.models import pick_device
 
     started = time.time()
     bench = read_dreambench(config.dataset)
@@ -150,11 +146,13 @@ def generate_bench(config: BenchGenerateConfig) -> dict:
             raise InputError(f"--prompts: index {index} is outside 0-{len(bench.object_prompts) - 1}.")
     device, dtype, reason = pick_device(config.device)
     print(f"pimg: {reason}")
-    pp = PersonalizedPipeline.from_base(config.base, device=device, dtype=dtype)
-    pp.pipe.set_progress_bar_config(disable=True)
-    guidance = config.guidance_scale
-    if guidance is None:
-        guidance = BUILTIN_MODELS[config.base].guidance_scale if config.base in BUILTIN_MODELS else 7.5
+
+    def load(base: str):
+        pipe = PersonalizedPipeline.from_base(base, device=device, dtype=dtype)
+        pipe.pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pp = load(config.base)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"config": asdict(config), "subjects": {}, "without_weights": []}
@@ -162,27 +160,27 @@ def generate_bench(config: BenchGenerateConfig) -> dict:
     bar = tqdm(total=len(names) * per_subject, desc="bench generate", unit="image")
     for name in names:
         subject = bench.subjects[name]
-        parts = (
-            subject_parts(weights / name, subject.token, config.lora_scale)
-            if (weights / name).is_dir()
-            else []
-        )
-        if not parts:
+        folder = weights / name
+        result = subject_result(folder, subject.token, config.lora_scale) if folder.is_dir() else None
+        if result is None:
             summary["without_weights"].append(name)
             bar.update(per_subject)
             continue
-        embedding = next((p for p in parts if isinstance(p, EmbeddingPart)), None)
-        token = subject.token or (embedding.token if embedding else config.token)
-        for part in parts:
-            pp.add(part)
+        token = subject.token or result.learned_token or config.token
+        guidance, _ = choose_guidance(config.base, [folder], config.guidance_scale)
+        # A whole-model result (DreamBooth) is a base of its own; other results are parts on the base.
+        pipe = load(result.base) if result.base is not None else pp
+        for part in result.parts:
+            pipe.add(part)
         try:
-            written = _generate_subject(pp, bench, subject, token, config, guidance, out, bar)
+            written = _generate_subject(pipe, bench, subject, token, config, guidance, out, bar)
         finally:
-            for part in parts:
-                pp.remove(part.name)
+            pipe.clear()
         summary["subjects"][name] = {
             "token": token,
-            "parts": [p.describe() for p in parts],
+            "method": result.method.name,
+            "guidance_scale": guidance,
+            "parts": [p.describe() for p in result.parts],
             "written": written,
         }
     bar.close()

@@ -1,4 +1,4 @@
-"""Report files of a DreamBench evaluation: JSON, CSV, a markdown table and a bar chart (drawn with PIL)."""
+"""Report files of a DreamBench evaluation: JSON, CSV, a markdown table and a bar chart (matplotlib)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import csv
 import json
 import math
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageFont
 
 LABELS = {
     "dino": "DINO",
@@ -17,7 +15,7 @@ LABELS = {
     "toy-fidelity": "toy fidelity",
 }
 #: Bar colours per metric, in order (colour-blind-safe Okabe-Ito hues).
-COLOURS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0)]
+COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00"]
 MAX_LISTED = 20  # problems listed in report.md; report.json has all of them
 
 
@@ -26,7 +24,7 @@ def _fmt(value) -> str:
 
 
 def write_reports(report: dict, rows: list[dict], names: list[str], out: Path) -> None:
-    """report.json, per_image.csv, per_subject.csv, report.md and per_subject.png in `out`."""
+    """report.json, per_image.csv, per_subject.csv, report.md and per_subject.png (matplotlib) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     image_fields = [
@@ -135,42 +133,62 @@ def _describe(backbone: dict) -> str:
     return "; ".join(parts)
 
 
-def bar_chart(per_subject: dict, names: list[str], path: Path) -> None:
-    """Horizontal grouped bars: one group per subject, one bar per metric, scale 0 to 1."""
-    font = ImageFont.load_default(size=13)
-    bar, gap, label_w, plot_w, margin = 9, 8, 170, 560, 20
-    group_h = bar * len(names) + gap
-    legend_h = 24
-    height = margin * 2 + legend_h + 20 + max(1, len(per_subject)) * group_h
-    image = Image.new("RGB", (label_w + plot_w + 70 + margin, height), "white")
-    draw = ImageDraw.Draw(image)
-    x0, y0 = label_w, margin + legend_h + 20
-    for i, name in enumerate(names):  # legend
-        lx = x0 + i * 110
-        draw.rectangle([lx, margin, lx + 12, margin + 12], fill=COLOURS[i % len(COLOURS)])
-        draw.text((lx + 16, margin - 1), LABELS.get(name, name), fill="black", font=font)
-    for tick in range(0, 11, 2):  # grid at 0, 0.2, ..., 1
-        x = x0 + plot_w * tick / 10
-        draw.line([x, y0 - 4, x, height - margin], fill=(220, 220, 220))
-        draw.text((x - 8, y0 - 20), f"{tick / 10:.1f}", fill="black", font=font)
-    for row, (subject, values) in enumerate(per_subject.items()):
-        top = y0 + row * group_h
-        draw.text((margin, top + (group_h - gap) / 2 - 8), subject[:22], fill="black", font=font)
-        for i, name in enumerate(names):
-            value = values.get(name)
-            if value is None:
-                continue
-            y = top + i * bar
-            draw.rectangle(
-                [x0, y, x0 + plot_w * min(1.0, max(0.0, value)), y + bar - 2], fill=COLOURS[i % len(COLOURS)]
-            )
-            draw.text(
-                (x0 + plot_w + 6, y - 3),
-                f"{value:.2f}",
-                fill=(90, 90, 90),
-                font=ImageFont.load_default(size=9),
-            )
-    image.save(path)
+def bar_chart(per_subject: dict, names: list[str], path: Path) -> Path | None:
+    """Horizontal grouped bars: one group per subject, one bar per metric, scale 0 to 1.
+
+    Drawn with matplotlib (the `plot` extra). Without it the chart is skipped with a one-line message,
+    and a chart an earlier run left at `path` is removed, since it would not match this report.
+
+    Args:
+        per_subject: subject -> {metric name: value or None}, as `report["per_subject"]`.
+        names: the metrics to draw, in legend order.
+        path: the PNG to write.
+    Returns:
+        `path`, or None when matplotlib is missing.
+
+    Example:
+        >>> bar_chart(report["per_subject"], ["dino", "clip-i"], out / "per_subject.png")
+    """
+    try:
+        # The object API on the Agg canvas: no pyplot, so no GUI backend and no process-wide figure state.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        path.unlink(missing_ok=True)
+        print(f"skipped {path.name}: the bar chart needs matplotlib; pip install 'pimg[plot]'")
+        return None
+
+    subjects = list(per_subject)
+    bar = 0.8 / max(1, len(names))  # each subject's group spans 0.8 of a row
+    height = 1.0 + 0.13 * max(1, len(subjects)) * (len(names) + 1)
+    figure = Figure(figsize=(8.2, height), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for i, name in enumerate(names):
+        shown = [
+            (row + i * bar, value)
+            for row, subject in enumerate(subjects)
+            if (value := per_subject[subject].get(name)) is not None and not math.isnan(value)
+        ]
+        bars = axes.barh(
+            [y for y, _ in shown],
+            [min(1.0, max(0.0, value)) for _, value in shown],
+            height=bar * 0.85,
+            color=COLOURS[i % len(COLOURS)],
+            label=LABELS.get(name, name),
+        )
+        axes.bar_label(bars, [f"{value:.2f}" for _, value in shown], padding=2, fontsize=6, color="0.35")
+    axes.set_yticks([row + bar * (len(names) - 1) / 2 for row in range(len(subjects))])
+    axes.set_yticklabels([subject[:22] for subject in subjects], fontsize=8)
+    axes.set_ylim(len(subjects) - 0.1, -0.1 - bar)  # first subject on top
+    axes.set_xlim(0.0, 1.0)
+    axes.set_xticks([tick / 10 for tick in range(0, 11, 2)])
+    axes.xaxis.tick_top()
+    axes.grid(axis="x", color="0.86")
+    axes.set_axisbelow(True)
+    axes.legend(loc="lower left", bbox_to_anchor=(0.0, 1.06), ncols=max(1, len(names)), frameon=False)
+    figure.savefig(path, bbox_inches="tight")
+    return path
 
 
 def print_summary(report: dict, names: list[str], out: Path) -> None:
@@ -183,4 +201,5 @@ def print_summary(report: dict, names: list[str], out: Path) -> None:
     for scope, values in [("all", report["overall"]), *report["groups"].items()]:
         cells = ", ".join(f"{LABELS.get(c, c)} {_fmt(values.get(c))}" for c in _columns(names))
         print(f"{scope:7s} n={values['n_images']:5d}  {cells}")
-    print(f"reports: {out / 'report.md'}, report.json, per_image.csv, per_subject.csv, per_subject.png")
+    chart = ", per_subject.png" if (out / "per_subject.png").is_file() else ""  # needs matplotlib
+    print(f"reports: {out / 'report.md'}, report.json, per_image.csv, per_subject.csv{chart}")

@@ -199,5 +199,14 @@ def weights_fingerprint(*modules: torch.nn.Module, samples: int = 16) -> str:
 
 
 def recommended_guidance(base: str) -> float:
-    """The classifier-free guidance `base` is best sampled at: a built-in's own, else SD's usual 7.5."""
-    return BUILTIN_MODELS[base].guidance_scale if base in BUILTIN_MODELS else 7.5
+    """The classifier-free guidance `base` is best sampled at: a built-in's own; `tiny`'s for a toy-world
+    model folder (one holding `clip/`, as `pimg toyworld train-base` writes: the same domain and
+    training, where SD's usual 7.5 would overshoot); else SD's usual 7.5.
+
+    The base's half of the guidance rule; `pimg.inference.guidance.choose_guidance` is the whole rule.
+    """
+    if base in BUILTIN_MODELS:
+        return BUILTIN_MODELS[base].guidance_scale
+    if (Path(base) / "clip" / "config.json").is_file():
+        return BUILTIN_MODELS["tiny"].guidance_scale
+    return 7.5

@@ -112,3 +112,30 @@ def random_sdxl_dir(tmp_path_factory) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def lora_dir(random_tiny_dir, tmp_path_factory):
+    """A random rank-4 LoRA (UNet + text encoder, lora_alpha != r) saved by pimg, with a kohya export."""
+    from peft import LoraConfig
+
+    from pimg.formats.lora import lora_state_dict_from_peft, save_lora
+    from pimg.models import load_base
+
+    pipe = load_base(str(random_tiny_dir))
+    torch.manual_seed(1)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.text_encoder):
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+    state = {
+        **lora_state_dict_from_peft(pipe.unet, "unet"),
+        **lora_state_dict_from_peft(pipe.text_encoder, "text_encoder"),
+    }
+    out = tmp_path_factory.mktemp("lora")
+    base = load_base(str(random_tiny_dir))
+    save_lora(out, state, kohya_components={"unet": base.unet, "text_encoder": base.text_encoder})
+    return out

@@ -7,7 +7,6 @@ with the `test` extra.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pimg.errors import InputError, ModelLoadError
@@ -24,6 +24,7 @@ from pimg.frontends.subject_store import (
     SessionSpace,
     SubjectStore,
     check_prompt_tokens,
+    load_subjects,
     new_session_id,
     subject_parts,
 )
@@ -49,15 +50,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _load_app():
-    spec = importlib.util.spec_from_file_location("app", REPO / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-app = _load_app()
+import pimg.frontends.app as app  # noqa: E402  (after the gradio check)
 
 
 def toy_uploads(folder: Path, subject: str, n: int = 4, seed: int = 0) -> list[str]:
@@ -74,8 +67,10 @@ def toy_uploads(folder: Path, subject: str, n: int = 4, seed: int = 0) -> list[s
 # ------------------------------------------------------------------------------------------ building
 
 
-def test_import_loads_nothing_heavy():
-    code = "import sys; sys.path.insert(0, '.'); import app; print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))"
+@pytest.mark.parametrize("module", ["app", "pimg.frontends.app"])
+def test_import_loads_nothing_heavy(module):
+    # The launcher at the top of the checkout and the installed module alike.
+    code = f"import sys; sys.path.insert(0, '.'); import {module}; print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -203,10 +198,10 @@ def test_bad_upload_becomes_a_page_message(tmp_path):
 
 def test_demo_trains_from_the_builtin_base_preset(tmp_path, random_tiny_dir):
     from pimg.config import load_config
+    from pimg.methods import builtin_preset, preset_path
     from pimg.trainers.lora import LoraTrainConfig
-    from pimg.trainers.personalize import CONFIGS, builtin_preset
 
-    preset = load_config(LoraTrainConfig, CONFIGS / "lora_tiny.yaml")
+    preset = load_config(LoraTrainConfig, preset_path("lora_tiny"))
     assert preset.batch_size != LoraTrainConfig().batch_size  # else this test could not tell them apart
     backend = DemoBackend("tiny", tmp_path / "out", "cpu", {"lora": {"rank": 2}})
     config = backend._train_config("lora", {"class_noun": "star"})
@@ -259,27 +254,37 @@ def test_store_keeps_names_and_paths_inside(tmp_path):
 
 
 def test_subject_parts_refuse_ambiguous_choices(tmp_path):
+    from pimg.formats.embeddings import save_embedding
+
     store = SubjectStore(tmp_path)
-    a = SavedSubject("a", "ti", "<sks>", "star", "tiny", "w.safetensors")
-    b = SavedSubject("b", "ti", "<sks>", "dog", "tiny", "w.safetensors")
+    a = SavedSubject("a", "ti", "<sks>", "star", "tiny", "train")
+    b = SavedSubject("b", "ti", "<sks>", "dog", "tiny", "train")
     db1 = SavedSubject("db1", "dreambooth", "sks", "star", "tiny", "train")
     db2 = SavedSubject("db2", "dreambooth", "zwx", "dog", "tiny", "train")
+    save_embedding(store.folder("a") / "train" / "learned_embeds.safetensors", "<sks>", torch.zeros(1, 8))
+    (store.folder("db1") / "train").mkdir(parents=True)
+    (store.folder("db1") / "train" / "model_index.json").write_text("{}")
     with pytest.raises(InputError, match="both answer to the token '<sks>'"):
-        subject_parts([(a, 1.0), (b, 1.0)], store)
+        load_subjects([(a, 1.0), (b, 1.0)], store)
     with pytest.raises(InputError, match="only one can be the base"):
-        subject_parts([(db1, 1.0), (db2, 1.0)], store)
+        load_subjects([(db1, 1.0), (db2, 1.0)], store)
     with pytest.raises(InputError, match="has no scale"):
-        subject_parts([(db1, 0.5)], store)
+        load_subjects([(db1, 0.5)], store)
     with pytest.raises(InputError, match="between 0 and 2"):
-        subject_parts([(a, 3.0)], store)
+        load_subjects([(a, 3.0)], store)
+    with pytest.raises(ModelLoadError, match="weights of subject 'db2' are missing"):
+        load_subjects([(db2, 1.0)], store)
+    word, whole = load_subjects([(a, 1.0)], store), load_subjects([(db1, 1.0)], store)
+    assert subject_parts(whole) == (str(store.folder("db1") / "train"), [])
+    assert [p.kind for p in subject_parts(word)[1]] == ["embedding"]
     with pytest.raises(InputError, match="the learned word '<sks>', which the prompt does not contain"):
-        check_prompt_tokens("a star on grass", [a])
+        check_prompt_tokens("a star on grass", word)
     with pytest.raises(
         InputError, match=r"uses <cat>, which none of the chosen subjects defines \(their tokens: <sks>\)"
     ):
-        check_prompt_tokens("a <sks>, and a <cat>", [a])
-    check_prompt_tokens("a <sks>, on grass", [a])
-    check_prompt_tokens("a star", [db1])  # a DreamBooth or LoRA subject also works without its token
+        check_prompt_tokens("a <sks>, and a <cat>", word)
+    check_prompt_tokens("a <sks>, on grass", word)
+    check_prompt_tokens("a star", whole)  # a DreamBooth or LoRA subject also works without its token
     assert strip_tokens("a <sks> star next to a sks dog", ["<sks>", "sks"]) == "a star next to a dog"
 
 
@@ -321,7 +326,9 @@ def test_two_sessions_train_at_once_and_keep_their_own_subjects(tmp_path, random
         assert (subject.token, subject.class_noun) == (token, noun)
         photos = space.store.photo_paths(subject)
         assert [p.read_bytes() for p in photos] == [Path(u).read_bytes() for u in uploads[name]]
-        weights[name] = load_file(str(space.store.path(subject, subject.weights)))
+        weights[name] = load_file(
+            str(space.store.path(subject, subject.weights) / "pytorch_lora_weights.safetensors")
+        )
         generated = backend.generate(
             session,
             BASE_CHOICE,

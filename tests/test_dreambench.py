@@ -158,6 +158,22 @@ def test_eval_dreambench_reports_scores_and_problems(random_tiny_dir, random_din
     assert Image.open(out / "per_subject.png").size[0] > 400
 
 
+def test_report_bar_chart_is_drawn_with_matplotlib_and_skipped_without(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pimg.metrics.report import bar_chart
+
+    per_subject = {STAR.name: {"dino": 0.7, "clip-i": None}, CIRCLE.name: {"dino": 1.3, "clip-i": 0.2}}
+    path = tmp_path / "per_subject.png"
+    assert bar_chart(per_subject, ["dino", "clip-i"], path) == path
+    assert Image.open(path).size[0] > 400
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # as if not installed
+    assert bar_chart(per_subject, ["dino", "clip-i"], path) is None
+    assert not path.exists(), "the earlier run's chart would not match this report"
+    message = capsys.readouterr().out
+    assert message.count("\n") == 1 and "pip install 'pimg[plot]'" in message
+
+
 def test_manifest_layout_and_bad_lines(fake_bench, tmp_path):
     dataset, _ = fake_bench
     bench = read_dreambench(dataset)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
 
 from pimg.errors import InputError, ModelLoadError
 from pimg.formats.lora import (
     DIFFUSERS_LORA_FILENAME,
     KOHYA_LORA_FILENAME,
-    lora_state_dict_from_peft,
     save_lora,
 )
 from pimg.formats.safetensors_io import read_safetensors
-from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline, read_png_settings
+from pimg.inference.parts import EmbeddingPart, LoraPart
+from pimg.inference.pipeline import PersonalizedPipeline, read_png_settings
 from pimg.models import describe_base, load_base
 
 FAST = dict(num_inference_steps=4, guidance_scale=5.0)
@@ -28,28 +27,6 @@ def _pixels(generated) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pp(random_tiny_dir):
     return PersonalizedPipeline.from_base(str(random_tiny_dir))
-
-
-@pytest.fixture(scope="module")
-def lora_dir(random_tiny_dir, tmp_path_factory):
-    """A random rank-4 LoRA (UNet + text encoder, lora_alpha != r) saved by pimg, with a kohya export."""
-    pipe = load_base(str(random_tiny_dir))
-    torch.manual_seed(1)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.text_encoder):
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.3)
-    state = {
-        **lora_state_dict_from_peft(pipe.unet, "unet"),
-        **lora_state_dict_from_peft(pipe.text_encoder, "text_encoder"),
-    }
-    out = tmp_path_factory.mktemp("lora")
-    base = load_base(str(random_tiny_dir))
-    save_lora(out, state, kohya_components={"unet": base.unet, "text_encoder": base.text_encoder})
-    return out
 
 
 def test_builtin_and_folder_bases_are_classified(random_tiny_dir):

@@ -69,16 +69,16 @@ def test_shipped_tiny_loads_in_plain_diffusers_and_transformers():
 
 
 FAST_STAGES = "sample_steps: 1\nunet:\n  batch_size: 8\nclip:\n  batch_size: 16\n"
+FAST_STEPS = ["--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "2"]
 
 
 def _train_base_args(config, out) -> list[str]:
-    steps = ["--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2"]
-    return ["toyworld", "train-base", "--config", str(config), "--out", str(out), *steps]
+    return ["toyworld", "train-base", "--config", str(config), "--out", str(out), *FAST_STEPS]
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A 2-steps-per-stage run of clip, vae, unet (the default stages)."""
+    """A 2-steps-per-stage run of clip, vae, unet and decoder (the default stages)."""
     from pimg.frontends.cli import main
 
     folder = tmp_path_factory.mktemp("train_base")
@@ -96,13 +96,14 @@ def test_train_base_stages_run_and_resume_skips_finished_stages(trained_run):
     out, config = trained_run
     model = out / "unet" / "model"
     assert StableDiffusionPipeline.from_pretrained(str(model)).unet is not None
+    assert (out / "decoder" / "model" / "model_index.json").is_file()
     assert (out / "unet" / "samples").is_dir() and list((out / "unet" / "logs").iterdir())
     stamp = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
     assert main([*_train_base_args(config, out), "--resume"]) == 0
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime == stamp
 
 
-def test_continued_unet_starts_from_the_finished_model_and_tunes_its_text_tower(
+def test_recipe_phases_run_in_order_and_a_continued_unet_starts_from_the_previous_phase(
     trained_run, tmp_path, capsys
 ):
     from diffusers import StableDiffusionPipeline
@@ -111,18 +112,25 @@ def test_continued_unet_starts_from_the_finished_model_and_tunes_its_text_tower(
     from pimg.frontends.cli import main
 
     first, _ = trained_run
-    # A new run folder: the unet stage takes VAE, CLIP and tokenizer from unet_init.
+    # The fixture's run is the first phase (finished, so --resume skips it); the second continues it in a
+    # new run folder, its unet stage taking VAE, CLIP and tokenizer from unet_init.
     out = tmp_path / "continued"
-    config = tmp_path / "continue.yaml"
-    config.write_text(
-        f"sample_steps: 1\nstages: [unet]\nunet_init: {first / 'unet' / 'model'}\ntrain_text_encoder: true\n"
-        "text_encoder_lr: 0.01\nprediction_type: v_prediction\nzero_terminal_snr: true\nmin_snr_gamma: 0\n"
-        "unet:\n  batch_size: 8\n  loop:\n    learning_rate: 0.0\n"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"{FAST_STAGES}phases:\n  - name: first\n    out_dir: {first}\n"
+        f"  - name: continued\n    out_dir: {out}\n    stages: [unet]\n"
+        f"    unet_init: {first / 'decoder' / 'model'}\n"
+        "    text_encoder_lr: 0.01\n    unet:\n      loop:\n        learning_rate: 0.0\n"
     )
-    assert main(_train_base_args(config, out)) == 0
-    assert f"result written to {out / 'unet' / 'model'}" in capsys.readouterr().out
+    stamp = (first / "decoder" / "model" / "model_index.json").stat().st_mtime
+    assert main(["toyworld", "train-base", "--config", str(recipe), "--resume", *FAST_STEPS]) == 0
+    printed = capsys.readouterr().out
+    assert "phase first (1/2)" in printed and "stage decoder: finished earlier" in printed
+    assert printed.index("phase first") < printed.index("phase continued (2/2)")
+    assert f"result written to {out / 'unet' / 'model'}" in printed
+    assert (first / "decoder" / "model" / "model_index.json").stat().st_mtime == stamp
 
-    before = StableDiffusionPipeline.from_pretrained(str(first / "unet" / "model"))
+    before = StableDiffusionPipeline.from_pretrained(str(first / "decoder" / "model"))
     after = StableDiffusionPipeline.from_pretrained(str(out / "unet" / "model"))
     # The UNet's learning rate is 0 here, so it must come out exactly as the finished model's UNet.
     unet_after = dict(after.unet.named_parameters())
@@ -150,7 +158,7 @@ def test_zero_terminal_snr_needs_v_prediction_and_ends_in_pure_noise():
     from pimg.trainers.toy_base import ToyBaseConfig
 
     with pytest.raises(TrainingError, match="v_prediction"):
-        ToyBaseConfig(zero_terminal_snr=True)
+        ToyBaseConfig(prediction_type="epsilon", zero_terminal_snr=True)
 
     scheduler = DDPMScheduler(**noise_schedule("v_prediction", zero_terminal_snr=True))
     assert scheduler.alphas_cumprod[-1] == 0  # the last training step sees no image at all

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pimg.config import load_config
 from pimg.errors import InputError, TrainingError
 from pimg.formats.safetensors_io import read_safetensors
-from pimg.inference.generate import GenerateRequest, default_guidance
+from pimg.inference.guidance import choose_guidance, recorded_guidance
+from pimg.methods import list_methods
+from pimg.models import BUILTIN_MODELS
 from pimg.photos import save_photos
 from pimg.trainers.loop import latest_checkpoint, run_training
-from pimg.trainers.personalize import list_methods, load_train_config, train
-from pimg.trainers.subject_training import recorded_guidance
-from pimg.trainers.toy_base import ToyBaseConfig
+from pimg.trainers.personalize import load_train_config, train
+from pimg.trainers.toy_base import load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -94,15 +94,18 @@ def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path)
     assert "| recommended guidance | 1.5 |" in card
     assert recorded_guidance(out) == 1.5 and recorded_guidance(random_tiny_dir / "unet") is None
     if method == "dreambooth":
-        request, source = GenerateRequest(base=str(out)), str(out)
+        base, subjects, source = str(out), [], str(out)
     elif method == "lora":
         source = str(out / "pytorch_lora_weights.safetensors")
-        request = GenerateRequest(base=str(random_tiny_dir), loras=[(source, 1.0)])
+        base, subjects = str(random_tiny_dir), [source]
     else:
         source = str(out / "learned_embeds.safetensors")
-        request = GenerateRequest(base=str(random_tiny_dir), embeddings=[(source, None)])
-    assert default_guidance(request) == (1.5, f"recorded by {source}")
-    assert default_guidance(GenerateRequest(base=str(random_tiny_dir)))[0] == 7.5
+        base, subjects = str(random_tiny_dir), [source]
+    assert choose_guidance(base, subjects) == (1.5, f"recorded by {source}")
+    assert choose_guidance(base, subjects, given=4.0) == (4.0, "given")
+    # No subject: a toy-world folder (it holds clip/) samples at tiny's guidance, other folders at SD's 7.5.
+    assert choose_guidance(str(random_tiny_dir))[0] == BUILTIN_MODELS["tiny"].guidance_scale
+    assert choose_guidance(str(out / "samples")) == (7.5, "the Stable Diffusion default")
 
     if method == "dreambooth":
         pipe = plain_pipeline(out)
@@ -114,7 +117,8 @@ def test_train_save_reload_generate(case, random_tiny_dir, photos_dir, tmp_path)
         assert len(list((out / "class_images").glob("photo_*.png"))) == 3
         manifest = json.loads((out / "class_images" / "manifest.json").read_text())
         assert manifest["prompts"] == ["a star on a red background", "a star"] and manifest["count"] == 3
-        assert manifest["guidance_scale"] == 7.5  # the base's own, not the subject's recommended 1.5
+        # the base's own (a toy-world folder: tiny's), not the subject's recommended 1.5
+        assert manifest["guidance_scale"] == BUILTIN_MODELS["tiny"].guidance_scale
     else:
         pipe = plain_pipeline(random_tiny_dir)
     if method == "lora":
@@ -153,7 +157,7 @@ class KilledAt:
 @pytest.mark.parametrize(("case", "accumulation"), [("pivotal", 2), ("dreambooth", 1)])
 def test_resume_after_kill_is_exact(case, accumulation, random_tiny_dir, photos_dir, tmp_path):
     """A run killed when step k begins, resumed by new objects, ends with an uninterrupted run's weights."""
-    from pimg.trainers.personalize import method_classes
+    from pimg.methods import get_method
 
     name, overrides = CASES[case]
     steps, k = 3, 2
@@ -171,7 +175,7 @@ def test_resume_after_kill_is_exact(case, accumulation, random_tiny_dir, photos_
 
     def fresh(out: Path):
         config = fast_config(name, random_tiny_dir, photos_dir, out, **overrides)
-        return method_classes(name)[1](config), config.loop
+        return get_method(name).trainer_class()(config), config.loop
 
     whole, loop = fresh(tmp_path / "whole")
     run_training(whole, loop, tmp_path / "whole", progress=False)
@@ -195,15 +199,15 @@ def test_resume_after_kill_is_exact(case, accumulation, random_tiny_dir, photos_
 
 def test_class_image_cache_follows_the_base_weights_not_its_name(photos_dir, tmp_path):
     """A base retrained under the same name must not be served the old base's class images."""
+    from pimg.methods import get_method
     from pimg.toyworld.architecture import build_random_pipeline
-    from pimg.trainers.personalize import method_classes
 
     base, cache = tmp_path / "base", tmp_path / "class_images"
     overrides = {**CASES["dreambooth"][1], "class_images_dir": str(cache)}
 
     def class_photos_after_setup(seed: int) -> tuple[dict, dict]:
         build_random_pipeline(base, seed=seed)  # the same folder, so the same `base` string
-        method_classes("dreambooth")[1](
+        get_method("dreambooth").trainer_class()(
             fast_config("dreambooth", base, photos_dir, tmp_path / "out", **overrides)
         )
         photos = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(cache.glob("photo_*.png"))}
@@ -226,9 +230,9 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
         load_train_config("lora", yaml)
     with pytest.raises(InputError, match="learning_rate"):
         load_train_config("ti", None, {"loop.learning_rat": 1.0})
-    with pytest.raises(InputError, match="methods are dreambooth, lora, ti"):
+    with pytest.raises(InputError, match="methods are lora, dreambooth, ti"):
         load_train_config("hypernet")
-    assert list_methods() == ["dreambooth", "lora", "ti"]
+    assert [m.name for m in list_methods()] == ["lora", "dreambooth", "ti"]
 
 
 @pytest.mark.parametrize(
@@ -241,8 +245,9 @@ def test_presets_load(preset):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("toy_base*.yaml")))
 def test_toy_base_presets_load(preset):
-    config = load_config(ToyBaseConfig, CONFIGS / preset)
-    assert config.stages and all(getattr(config, stage).loop.steps > 0 for stage in config.stages)
+    for phase in load_recipe(CONFIGS / preset):
+        config = phase.config
+        assert config.stages and all(getattr(config, stage).loop.steps > 0 for stage in config.stages)
 
 
 def test_nan_loss_raises_and_keeps_a_checkpoint(random_tiny_dir, photos_dir, tmp_path):
@@ -431,7 +436,8 @@ def test_sdxl_textual_inversion_trains_loads_and_reattaches(random_sdxl_dir, pho
     """SDXL TI writes one part per text encoder, which pimg's pipeline and plain diffusers both load."""
     from diffusers import StableDiffusionXLPipeline
 
-    from pimg.inference.pipeline import EmbeddingPart, PersonalizedPipeline
+    from pimg.inference.parts import EmbeddingPart
+    from pimg.inference.pipeline import PersonalizedPipeline
 
     config = fast_config("ti", random_sdxl_dir, photos_dir, tmp_path / "ti", n_vectors=2)
     out = train("ti", config, progress=False)
@@ -464,7 +470,8 @@ def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos
     """The SDXL paths (two text encoders, text-time conditioning) train and load as the SD ones do."""
     from diffusers import StableDiffusionXLPipeline
 
-    from pimg.inference.pipeline import LoraPart, PersonalizedPipeline
+    from pimg.inference.parts import LoraPart
+    from pimg.inference.pipeline import PersonalizedPipeline
 
     overrides = {"num_class_images": 2} if method == "dreambooth" else {"train_text_encoder": True}
     config = fast_config(method, random_sdxl_dir, photos_dir, tmp_path / method, **overrides)

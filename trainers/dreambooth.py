@@ -182,7 +182,19 @@ class DreamBoothMethod(SubjectTraining):
 
     def save(self, out_dir: Path) -> None:
         c = self.config
-        self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
+        # On CUDA with mixed precision the frozen parts sit in half precision (`finish_setup`). Saved so,
+        # the text encoder's config would name that dtype, and transformers 5 loads a model in the dtype
+        # its config names while diffusers loads the UNet in float32: `from_pretrained(out_dir)` without a
+        # dtype would fail at the first call. The folder is written in float32, as the base was loaded
+        # (half to float32 is exact), then the training dtypes come back.
+        training_dtypes = {n: m.dtype for n, m in self.components().items() if m.dtype != torch.float32}
+        for name in training_dtypes:
+            getattr(self.pipe, name).to(torch.float32)
+        try:
+            self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
+        finally:
+            for name, dtype in training_dtypes.items():
+                getattr(self.pipe, name).to(dtype)
         prompt = self.prompt(c.prompt_template)
         usage = (
             "from diffusers import DiffusionPipeline\n\n"

@@ -116,6 +116,10 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
 
 
 def _lr_lambda(config: LoopConfig):
+    # Not diffusers' `get_scheduler`: its warm-up ramps as step / warmup (the first step runs at lr 0),
+    # ours as (step + 1) / warmup, and its linear decay differs in the last bit at some steps. Compared
+    # over 50 steps, they agree only for "constant" and "cosine" without warm-up; switching would change
+    # every other run and what a resumed run of an existing checkpoint continues with.
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -154,7 +158,12 @@ def _make_optimizer(params: list[dict], config: LoopConfig) -> torch.optim.Optim
 
 
 class EMA:
-    """Exponential moving average of parameters (shadow copies in fp32)."""
+    """Exponential moving average of parameters (shadow copies in fp32).
+
+    Not diffusers' `EMAModel`: that one copies the weights at its first update (decay 0), then ramps the
+    decay as (1 + step) / (10 + step) up to `decay`, and keeps its shadow in the parameters' dtype. This one
+    averages at `decay` from the first step in fp32, as the runs and checkpoints (`ema.safetensors`) so far.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params = params
@@ -294,7 +303,9 @@ def run_training(
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    # One bar per machine under `accelerate launch`, not one per process.
+    hidden = not progress or not accelerator.is_local_main_process
+    bar = tqdm(total=config.steps, initial=start, disable=hidden, desc="train", dynamic_ncols=True)
     logs: dict[str, float] = {}
     began = time.time()
     for step in range(start, config.steps):

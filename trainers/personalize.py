@@ -1,73 +1,60 @@
-"""`pimg train {dreambooth,lora,ti}`: one entry point over the subject methods.
+"""`pimg train METHOD`: one entry point over the registered subject methods (`pimg.methods`).
 
-The registry is a plain dict of method name -> (module, config class, method class), imported only
-when that method is used. Config = dataclass defaults <- YAML file <- command-line flags, validated
-into the method's own config class (unknown keys fail with the nearest valid key).
+Config = the method's dataclass defaults <- YAML file (a path, or an installed preset's name; with
+none, the base's preset when it is a built-in with one) <- command-line flags, validated into the
+method's own config class (unknown keys fail with the nearest valid key).
 
 Example:
-    >>> config = load_train_config("lora", "configs/lora_tiny.yaml", {"photos": "photos/", "class_noun": "star"})
+    >>> config = load_train_config("lora", None, {"photos": "photos/", "class_noun": "star"})
     >>> train("lora", config)
     PosixPath('out/train')
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from pimg.config import load_config
 from pimg.errors import InputError
-from pimg.trainers.subject_training import config_record
-
-#: Method name -> (module under pimg.trainers, config class, method class).
-METHODS: dict[str, tuple[str, str, str]] = {
-    "dreambooth": ("dreambooth", "DreamBoothConfig", "DreamBoothMethod"),
-    "lora": ("lora", "LoraTrainConfig", "LoraMethod"),
-    "ti": ("ti", "TiTrainConfig", "TextualInversionMethod"),
-}
-
-#: The method presets; `configs/<method>_<built-in base>.yaml` is the tuned preset of a built-in base.
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from pimg.methods import builtin_preset, get_method, preset_path
 
 
-def list_methods() -> list[str]:
-    """The names `train` accepts."""
-    return list(METHODS)
+def resolve_preset(method: str, path: str | Path | None, base: str | None) -> Path | None:
+    """The YAML to start from: `path` as given (a file, or an installed preset's name); with none,
+    the preset of `base` when it is a built-in model that has one (`builtin_preset`)."""
+    if path is not None:
+        given = Path(path)
+        if given.is_file():
+            return given
+        if given.parent == Path(".") and not given.exists():
+            return preset_path(str(given))  # a preset's name: "lora_tiny" or "lora_tiny.yaml"
+        raise InputError(f"--config {path} does not exist; pass a YAML file or a preset name.")
+    return builtin_preset(method, base or _default_base(method))
 
 
-def method_classes(method: str) -> tuple[type, type]:
-    """(config class, method class) of a registered method."""
-    if method not in METHODS:
-        raise InputError(f"unknown training method {method!r}; the methods are {', '.join(METHODS)}.")
-    module_name, config_name, method_name = METHODS[method]
-    module = importlib.import_module(f"pimg.trainers.{module_name}")
-    return getattr(module, config_name), getattr(module, method_name)
+def _default_base(method: str) -> str:
+    import dataclasses
 
-
-def builtin_preset(method: str, base: str) -> Path | None:
-    """`configs/<method>_<base>.yaml` when `base` is a built-in model with a preset for `method`.
-
-    Front ends that train without asking for a YAML (the demo) start from it, so a subject trained
-    there gets the settings the toy evaluation measured, not the dataclass defaults. Presets sit
-    beside the code in a source checkout; an installed wheel has none and gets None.
-    """
-    from pimg.models import BUILTIN_MODELS
-
-    path = CONFIGS / f"{method}_{base}.yaml"
-    return path if base in BUILTIN_MODELS and path.is_file() else None
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).config_class())}
+    return fields["base"].default if "base" in fields else ""
 
 
 def load_train_config(method: str, path: str | Path | None = None, overrides: dict | None = None):
-    """The method's config: defaults <- YAML `path` <- dotted `overrides` (None values: not given)."""
-    config_cls, _ = method_classes(method)
-    return load_config(config_cls, path, overrides)
+    """The method's config: defaults <- YAML (see `resolve_preset`) <- dotted `overrides` (None: not given).
+
+    With no `path`, a built-in base's preset is used (see `resolve_preset`), so `pimg train lora
+    --base tiny` trains with the settings `pimg eval toysubject` measured, not the bare defaults.
+    """
+    overrides = overrides or {}
+    preset = resolve_preset(method, path, overrides.get("base"))
+    return load_config(get_method(method).config_class(), preset, overrides)
 
 
 def train(method: str, config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train `method` with `config` on the shared loop; returns the output folder.
 
     Args:
-        method: one of `list_methods()`.
+        method: a registered method's name (`pimg.methods.list_methods()`).
         config: that method's config (see `load_train_config`).
         resume: continue from the newest checkpoint in `config.out_dir`.
         progress: show the progress bar.
@@ -77,7 +64,8 @@ def train(method: str, config, *, resume: bool = False, progress: bool = True) -
     """
     from pimg.trainers.loop import latest_checkpoint, run_training
 
-    config_cls, method_cls = method_classes(method)
+    entry = get_method(method)
+    config_cls = entry.config_class()
     if not isinstance(config, config_cls):
         raise InputError(f"train({method!r}) needs a {config_cls.__name__}, got {type(config).__name__}.")
     out = Path(config.out_dir)
@@ -87,11 +75,19 @@ def train(method: str, config, *, resume: bool = False, progress: bool = True) -
             "another --out."
         )
     run_training(
-        method_cls(config),
+        entry.trainer_class()(config),
         config.loop,
         out,
         resume=resume,
-        resolved_config=config_record(config),
+        resolved_config=result_record(entry.name, config),
         progress=progress,
     )
     return out
+
+
+def result_record(method: str, config) -> dict:
+    """What `config.json` beside a result holds: the method's name (so `pimg.methods.load_result`
+    knows what wrote the folder) and the full resolved config."""
+    from pimg.trainers.subject_training import config_record
+
+    return {"method": method, **config_record(config)}

@@ -23,7 +23,7 @@ import torch
 
 from pimg.errors import InputError
 from pimg.imaging import grid
-from pimg.models import BUILTIN_MODELS, recommended_guidance
+from pimg.models import recommended_guidance
 from pimg.trainers.diffusion_training import (
     Conditioning,
     TextConditioner,
@@ -59,7 +59,7 @@ class SubjectConfig:
         num_inference_steps: denoising steps for samples.
         guidance_scale: classifier-free guidance recommended for the trained subject: the sample
             grid uses it, the model card and `config.json` record it, and `pimg generate` and
-            `pimg eval toysubject` use it when no guidance is given (see `recorded_guidance`).
+            `pimg eval toysubject` use it when no guidance is given (see `pimg.inference.guidance`).
             None takes the base's recommendation.
     """
 
@@ -130,50 +130,6 @@ def epoch_indices(
         epoch, position = divmod(g, n_items)
         out.append(int(np.random.default_rng([seed, epoch]).permutation(n_items)[position]))
     return out
-
-
-def recorded_guidance(path: str | Path) -> float | None:
-    """The guidance a pimg subject training recorded for its result, or None.
-
-    `path` is a training output folder (a DreamBooth model) or a file inside one (a LoRA or an
-    embedding); the value is `guidance_scale` of the `config.json` training wrote beside it. Files
-    from elsewhere (no such config) give None.
-    """
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    try:
-        record = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    # Only a subject training's config: a diffusers model folder has its own config.json.
-    if not isinstance(record, dict) or not {"token", "class_noun", "guidance_scale"} <= record.keys():
-        return None
-    value = record["guidance_scale"]
-    return float(value) if isinstance(value, int | float) else None
-
-
-def lowest_recorded_guidance(paths) -> tuple[float, str] | None:
-    """(guidance, path) of the lowest `recorded_guidance` among subject results, or None if none records one.
-
-    The lowest wins because a subject loses fidelity above its own recommendation (on `tiny`, a LoRA
-    measured 0.78 at guidance 1 and 0.61 at 5), so the lowest keeps every subject at or below its own.
-    """
-    recorded = [(value, str(path)) for path in paths if (value := recorded_guidance(path)) is not None]
-    return min(recorded) if recorded else None
-
-
-def guidance_without_choice(base: str, subjects) -> tuple[float, str]:
-    """(guidance, where it comes from) when the user gives none: the lowest the loaded subject results
-    recorded (`subjects`, and `base` when it is a folder such as a DreamBooth result), else the base's.
-
-    `pimg generate` and the demo both call this, so a subject is sampled alike from either.
-    """
-    sources = list(subjects) + ([base] if Path(base).is_dir() else [])
-    recorded = lowest_recorded_guidance(sources)
-    if recorded:
-        return recorded[0], f"recorded by {recorded[1]}"
-    source = f"{base}'s recommendation" if base in BUILTIN_MODELS else "the Stable Diffusion default"
-    return recommended_guidance(base), source
 
 
 class SubjectTraining:
@@ -314,21 +270,23 @@ class SubjectTraining:
 
         guidance: None takes `self.config.recommended_guidance()`.
         """
+        from pimg.inference.pipeline import PersonalizedPipeline
+
         guidance = self.config.recommended_guidance() if guidance is None else guidance
+        # Through the shared pipeline, as every generation in pimg, on the weights being trained.
+        sampler = PersonalizedPipeline(self.pipe, self.config.base)
         images = []
         for prompt in prompts:
-            generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
-            out = self.pipe(
+            generated = sampler.generate(
                 prompt,
-                num_images_per_prompt=n,
+                num_images=n,
+                seed=seed,
                 num_inference_steps=self.config.num_inference_steps,
                 guidance_scale=guidance,
-                generator=generators,
                 height=self.resolution,
                 width=self.resolution,
-                output_type="np",
-            ).images
-            images.extend((out * 255).round().astype(np.uint8))
+            )
+            images.extend(np.asarray(g.image) for g in generated)
         return images
 
     def sample(self, step: int, out_dir: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""Training the toy world's base model `tiny` in three stages on the shared loop: clip, vae, unet.
+"""Training the toy world's base model `tiny` in stages on the shared loop: clip, vae, unet, decoder.
 
 - clip: a tiny CLIP learns toy captions against toy images contrastively (Radford et al. 2021).
 - vae: an AutoencoderKL learns 64x64 -> 16x16x4 latents (reconstruction + a small KL term).
@@ -13,20 +13,25 @@
 
 Every stage streams fresh scenes from the toy world's training split (held-out compositions never
 appear), so there is no dataset to overfit and the step index alone fixes each batch.
+
+A recipe file chains runs: `phases:`, each a short diff from the phase before it, run in order
+(`load_recipe`, `train_phases`); `configs/toy_base.yaml` is the five phases of the shipped `tiny`.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pimg.errors import TrainingError
+from pimg.config import dotted_to_nested, from_dict, load_config, merge
+from pimg.errors import InputError, TrainingError
 from pimg.imaging import grid, to_model_range, to_uint8
 from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
@@ -60,17 +65,24 @@ class StageConfig:
 
 @dataclass
 class ToyBaseConfig:
-    """Settings of `pimg toyworld train-base`.
+    """Settings of one `pimg toyworld train-base` run.
+
+    The defaults are the first phase of the shipped `tiny` (phase `scratch` of `configs/toy_base.yaml`):
+    all four stages, a 5000-step VAE, v-prediction on a zero-terminal-SNR schedule with the text tower
+    trained along. The shipped model is that recipe's five phases run in order (`load_recipe`), the last
+    exported; `docs/experiments/toy_base.md` has each phase's figures.
 
     Attributes:
-        out_dir: run folder; each stage trains in `out_dir/<stage>`, the model lands in `out_dir/model`.
+        out_dir: run folder; each stage trains in `out_dir/<stage>`, the finished model lands in
+            `out_dir/<last stage>/model` (`result_dir`).
         stages: which stages to run, in order; later stages read earlier stages' results.
-        clip, vae, unet: per-stage settings.
+        clip, vae, unet, decoder: per-stage settings.
         caption_dropout: share of UNet training captions replaced by "" (for classifier-free guidance).
         noise_offset: per-channel constant noise added to the diffusion noise, so flat backgrounds of
             any brightness stay reachable from pure noise (Guttenberg 2023, "offset noise").
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up convergence; 0 turns it
-            off (it gives the last timesteps no weight under v-prediction with zero terminal SNR).
+            off, as `tiny` trains (it gives the last timesteps no weight under v-prediction with zero
+            terminal SNR).
         sample_steps: denoising steps of the periodic UNet sample grids.
         two_object_prob: share of two-object scenes in training.
         caption_drop_prob: chance that a caption leaves out an object's size or position.
@@ -104,7 +116,7 @@ class ToyBaseConfig:
     """
 
     out_dir: str = "runs/tiny"
-    stages: tuple[str, ...] = ("clip", "vae", "unet")
+    stages: tuple[str, ...] = ("clip", "vae", "unet", "decoder")
     clip: StageConfig = field(
         default_factory=lambda: StageConfig(
             batch_size=128,
@@ -123,7 +135,7 @@ class ToyBaseConfig:
         default_factory=lambda: StageConfig(
             batch_size=32,
             loop=LoopConfig(
-                steps=1200,
+                steps=5000,
                 learning_rate=1e-3,
                 lr_schedule="cosine",
                 warmup_steps=100,
@@ -138,7 +150,7 @@ class ToyBaseConfig:
         default_factory=lambda: StageConfig(
             batch_size=64,
             loop=LoopConfig(
-                steps=2500,
+                steps=3000,
                 learning_rate=5e-4,
                 lr_schedule="cosine",
                 warmup_steps=150,
@@ -155,7 +167,7 @@ class ToyBaseConfig:
         default_factory=lambda: StageConfig(
             batch_size=16,
             loop=LoopConfig(
-                steps=600,
+                steps=1000,
                 learning_rate=2e-4,
                 lr_schedule="cosine",
                 warmup_steps=50,
@@ -168,16 +180,16 @@ class ToyBaseConfig:
     )
     caption_dropout: float = 0.1
     noise_offset: float = 0.1
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 0.0
     two_object_prob: float = 0.3
     caption_drop_prob: float = 0.3
     class_prompt_prob: float = 0.1
     decoder_subject_share: float = 0.5
-    train_text_encoder: bool = False
+    train_text_encoder: bool = True
     text_encoder_lr: float = 1e-4
     unet_init: str | None = None
-    prediction_type: str = "epsilon"
-    zero_terminal_snr: bool = False
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
     object_loss_weight: float = 0.0
     high_noise_share: float = 0.0
     high_noise_share_end: float | None = None
@@ -204,6 +216,11 @@ class ToyBaseConfig:
         if unknown:
             raise TrainingError(f"unknown stage(s) {unknown}; the stages are {STAGES}.")
 
+    def result_dir(self) -> Path:
+        """The folder the last stage's result lands in (after unet or decoder: the finished model)."""
+        last = self.stages[-1]
+        return Path(self.out_dir) / last / STAGE_RESULT[last]
+
     def high_noise_share_at(self, step: int) -> float:
         """The share of UNet timesteps drawn from the noisier half at UNet step `step`."""
         start, end = self.high_noise_share, self.high_noise_share_end
@@ -211,6 +228,101 @@ class ToyBaseConfig:
             return start
         last = max(self.unet.loop.steps - 1, 1)
         return start + (end - start) * min(step, last) / last
+
+
+@dataclass
+class ToyBaseRecipe(ToyBaseConfig):
+    """A `train-base` YAML file: settings at the top, then optionally `phases`, run in order.
+
+    Attributes:
+        phases: mappings, each a `name` and a diff from the phase before it (the first: from the
+            settings above `phases`); each phase needs its own `out_dir`, and a continuing phase names
+            the previous one's result as `unet_init`. A file without `phases` is one run.
+    """
+
+    phases: list[dict] = field(default_factory=list)
+
+
+class Phase(NamedTuple):
+    """One run of a recipe: its name and its resolved settings."""
+
+    name: str
+    config: ToyBaseConfig
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, phase: str | None = None
+) -> list[Phase]:
+    """The phases of a `train-base` YAML file, in order, each resolved into a validated ToyBaseConfig.
+
+    Phase k is: defaults <- the file's top-level settings <- phases 1..k's keys, in order <- `overrides`.
+    A file without `phases` is one phase, named after the file (no file: `defaults`).
+
+    Args:
+        path: YAML file; None: the defaults.
+        overrides: dotted keys (CLI flags) applied to every phase; None values mean "not given".
+        phase: keep only the phase of this name (resolved after the phases before it).
+
+    Returns:
+        The phases to run, in order.
+
+    Example:
+        >>> [p.name for p in load_recipe("configs/toy_base.yaml")]
+        ['scratch', 'more', 'binding', 'objects', 'objects_more']
+    """
+    where = Path(path).name if path else "config"
+    recipe = load_config(ToyBaseRecipe, path)
+    settings = asdict(recipe)
+    entries = settings.pop("phases") or [{"name": Path(path).stem if path else "defaults"}]
+    extra = dotted_to_nested(overrides or {})
+    phases: list[Phase] = []
+    folders: dict[str, str] = {}  # each phase's own out_dir, before --out
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise InputError(
+                f"{where}: phases[{i}] must be a mapping with a name (`- name: more`), got {entry!r}."
+            )
+        diff = dict(entry)
+        name = str(diff.pop("name"))
+        if name in folders:
+            raise InputError(f"{where}: two phases are named {name!r}; give each phase its own name.")
+        settings = merge(settings, diff)
+        folders[name] = settings["out_dir"]
+        config = from_dict(ToyBaseConfig, merge(settings, extra), where=f"{where} phases[{name}]")
+        phases.append(Phase(name, config))
+    if len(set(folders.values())) < len(folders):
+        raise InputError(
+            f"{where}: phases share an out_dir ({', '.join(f'{n}: {d}' for n, d in folders.items())}); "
+            "give each phase its own (a phase without one inherits the one before it)."
+        )
+    if phase is not None:
+        names = [p.name for p in phases]
+        if phase not in names:
+            near = difflib.get_close_matches(phase, names, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise InputError(f"no phase {phase!r} in {where}.{hint} Its phases: {', '.join(names)}.")
+        phases = [p for p in phases if p.name == phase]
+    if len(phases) > 1 and extra.get("out_dir"):
+        raise InputError(
+            f"an out_dir override (--out) names one run folder, but {where} runs {len(phases)} phases, "
+            "each into its own out_dir; pick one phase (--phase NAME), or leave --out out."
+        )
+    return phases
+
+
+def _check_unet_inits(phases: list[Phase]) -> None:
+    """Before any training: each `unet_init` is a finished model or the result of an earlier phase."""
+    made: list[Path] = []
+    for phase in phases:
+        init = phase.config.unet_init
+        if init and Path(init) not in made and not (Path(init) / "model_index.json").is_file():
+            earlier = ", ".join(str(m) for m in made) or "none"
+            raise TrainingError(
+                f"phase {phase.name}: unet_init {init} is neither a finished model folder (no "
+                f"model_index.json) nor an earlier phase's result (earlier phases write: {earlier}); "
+                "run the phase that makes it first, or fix the path."
+            )
+        made.append(phase.config.result_dir())
 
 
 def _stream_batch(config: ToyBaseConfig, batch_size: int, step: int, micro: int, seed: int):
@@ -286,7 +398,7 @@ class VaeStage:
     """Reconstruction training of the tiny AutoencoderKL (MSE + L1 + small KL).
 
     Steps matter more than size here: the same network reached 24.9 dB held-out PSNR after 1200 steps
-    and 32.1 dB after 5000 (`configs/toy_base.yaml`), where its round trips stop costing the
+    and 32.1 dB after 5000 (`docs/experiments/toy_base.md`), where its round trips stop costing the
     checker's colour, shape and two-object readings anything.
     """
 
@@ -578,7 +690,7 @@ def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = Tru
     finished diffusers model).
 
     Example:
-        >>> train_base(ToyBaseConfig(out_dir="runs/tiny"))  # about 2 h on a 2-core CPU
+        >>> train_base(ToyBaseConfig())  # the shipped tiny's first phase: ~1.9 h on 2 cores
     """
     from transformers import CLIPTokenizer
 
@@ -624,5 +736,23 @@ def train_base(config: ToyBaseConfig, resume: bool = False, progress: bool = Tru
             progress=progress,
         )
         print(f"stage {stage} done: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-    last = config.stages[-1]
-    return out / last / STAGE_RESULT[last]
+    return config.result_dir()
+
+
+def train_phases(phases: list[Phase], resume: bool = False, progress: bool = True) -> Path:
+    """Run a recipe's phases in order, each a `train_base` run; returns the last phase's result folder.
+
+    With `resume`, finished stages (and so finished phases) are skipped and a stopped one continues
+    from its newest checkpoint. Every `unet_init` is checked before the first step.
+
+    Example:
+        >>> train_phases(load_recipe("configs/toy_base.yaml"), resume=True)  # the shipped tiny, ~4 h
+    """
+    if not phases:
+        raise TrainingError("no phases to run; load them with load_recipe(path).")
+    _check_unet_inits(phases)
+    for i, phase in enumerate(phases, start=1):
+        if len(phases) > 1:
+            print(f"phase {phase.name} ({i}/{len(phases)}) in {phase.config.out_dir}")
+        folder = train_base(phase.config, resume=resume, progress=progress)
+    return folder

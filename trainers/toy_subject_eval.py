@@ -24,16 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from pimg.errors import InputError
+from pimg.inference.guidance import choose_guidance
+from pimg.methods import evaluation_variants, load_result, preset_path
 from pimg.trainers.subject_training import config_record
-
-#: Evaluation method -> (training method, config overrides on top of its tiny preset).
-EVAL_METHODS: dict[str, tuple[str, dict]] = {
-    "lora": ("lora", {}),
-    "pivotal": ("lora", {"pivotal": True, "token": "<sks>"}),
-    "ti": ("ti", {}),
-    "dreambooth": ("dreambooth", {}),
-    "dreambooth-noprior": ("dreambooth", {"prior_preservation": False}),
-}
 
 
 @dataclass
@@ -41,23 +34,23 @@ class ToySubjectEvalConfig:
     """Settings of `pimg eval toysubject`.
 
     Attributes:
-        method: one of `EVAL_METHODS`.
+        method: a registered method or one of its variants (`pimg.methods.evaluation_variants`).
         base: the toy base model (built-in `tiny` or a folder).
         subjects: how many of `EVAL_SUBJECTS` to train on, in their fixed order.
         steps: training steps; None keeps the preset's.
         images_per_background: images generated per background and prompt.
-        method_config: the method's YAML; None: `configs/<training method>_tiny.yaml`.
+        method_config: the method's YAML; None: its installed preset `<method>_tiny.yaml`.
         photos_per_subject: training photos per subject.
         photo_seed: seed of `Subject.photos`.
         caption_backgrounds: give each photo the caption `a {token} {class_noun} on a <bg> background`.
-        num_inference_steps, guidance_scale: generation settings. guidance None: the one the method's
-            training config recommends for its result (its `guidance_scale`), else the base's; the
-            base and drift images use the same guidance, so the three fidelities compare.
+        num_inference_steps, guidance_scale: generation settings. guidance None: the one the result
+            recorded (`choose_guidance`), else the base's; the base and drift images use the same
+            guidance, so the three fidelities compare.
         seed: seed of the first generated image of each prompt.
         out_dir: report, sample grid and per-subject runs; None: `out/eval-toysubject-<method>`.
     """
 
-    method: str = "lora"
+    method: str
     base: str = "tiny"
     subjects: int = 5
     steps: int | None = None
@@ -72,8 +65,8 @@ class ToySubjectEvalConfig:
     out_dir: str | None = None
 
     def __post_init__(self):
-        if self.method not in EVAL_METHODS:
-            raise InputError(f"method {self.method!r} is not one of {', '.join(EVAL_METHODS)}.")
+        if self.method not in evaluation_variants():
+            raise InputError(f"method {self.method!r} is not one of {', '.join(evaluation_variants())}.")
         if self.subjects < 1:
             raise InputError(f"subjects must be >= 1, got {self.subjects}.")
         if self.images_per_background < 1:
@@ -82,10 +75,11 @@ class ToySubjectEvalConfig:
 
 def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, overrides: dict):
     """The training config of one subject: preset <- method overrides <- eval settings <- user overrides."""
-    from pimg.trainers.personalize import CONFIGS, load_train_config
+    from pimg.trainers.personalize import load_train_config
 
-    train_method, method_overrides = EVAL_METHODS[config.method]
-    preset = config.method_config or CONFIGS / f"{train_method}_tiny.yaml"
+    method, method_overrides = evaluation_variants()[config.method]
+    train_method = method.name
+    preset = config.method_config or preset_path(f"{train_method}_tiny")
     values = {
         **method_overrides,
         "base": config.base,
@@ -95,7 +89,8 @@ def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, override
         "loop.steps": config.steps,
         **overrides,
     }
-    if train_method == "dreambooth":  # class images depend on the class only: share them across subjects
+    if _has_field(method, "class_images_dir"):
+        # class images depend on the class only: share them across subjects
         values.setdefault("class_images_dir", str(run_dir.parent / "class_images" / subject.class_noun))
     return train_method, load_train_config(train_method, preset, values)
 
@@ -104,22 +99,20 @@ def score(pipe, subject, prompt_words: str, config: ToySubjectEvalConfig, guidan
     """Generate for every background the subject may appear on; (images, mean fidelity, background accuracy).
 
     One pipeline call for all backgrounds (batched is faster on any device); image k of each
-    background uses seed `config.seed + k`, as `PersonalizedPipeline.generate` would.
+    background uses seed `config.seed + k`, as `PersonalizedPipeline.generate` would, and every
+    part of `pipe` applies (the pipeline's own call, not diffusers' directly).
     """
-    import torch
-
     from pimg.toyworld.checker import read_background, subject_fidelity
 
     n = config.images_per_background
     backgrounds = [bg for bg in subject.backgrounds for _ in range(n)]
-    out = pipe.pipe(
+    generated = pipe.generate(
         [f"{prompt_words} on a {bg} background" for bg in backgrounds],
         num_inference_steps=config.num_inference_steps,
         guidance_scale=guidance,
-        generator=[torch.Generator().manual_seed(config.seed + k % n) for k in range(len(backgrounds))],
-        output_type="np",
-    ).images
-    images = list((out * 255).round().astype(np.uint8))
+        seeds=[config.seed + k % n for k in range(len(backgrounds))],
+    )
+    images = [np.asarray(g.image) for g in generated]
     fidelity = [subject_fidelity(image, subject) for image in images]
     background = [read_background(image) == bg for image, bg in zip(images, backgrounds, strict=True)]
     return images, float(np.mean(fidelity)), float(np.mean(background))
@@ -136,20 +129,21 @@ def evaluate_subject(
     run_dir = out / subject.name
     shutil.rmtree(run_dir / "result", ignore_errors=True)
     train_method, train_config = method_config(config, subject, run_dir, overrides)
-    guidance = config.guidance_scale
-    guidance = train_config.recommended_guidance() if guidance is None else guidance
     photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
     captions = None
     if config.caption_backgrounds:
         captions = [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
     save_photos(run_dir / "photos", photos, captions)
 
-    class_words = f"a {subject.class_noun}"
-    _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
     began = time.time()
     result = train(train_method, train_config, progress=progress)
     train_seconds = time.time() - began
-    trained = _load_trained(train_method, train_config, result)
+    # The guidance a user of the result gets (the one it recorded, unless --guidance is given); the
+    # base's images are drawn at the same guidance so the fidelities compare.
+    guidance, _ = choose_guidance(train_config.base, [result], config.guidance_scale)
+    class_words = f"a {subject.class_noun}"
+    _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
+    trained = _load_trained(train_config.base, result)
     token_words = f"a {train_config.token} {subject.class_noun}"
     images, fidelity, background = score(trained, subject, token_words, config, guidance)
     _, drift, _ = score(trained, subject, class_words, config, guidance)
@@ -216,20 +210,23 @@ def evaluate_subjects(
     return report
 
 
-def _load_trained(train_method: str, train_config, result: Path):
-    """The trained result loaded the way a user loads it: pimg parts on the base, or the DreamBooth folder."""
-    from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
+def _load_trained(base: str, result: Path):
+    """The trained result loaded the way a user loads it (`pimg.methods.load_result`): its parts on
+    the base, or its folder as the base for a whole-model method."""
+    from pimg.inference.pipeline import PersonalizedPipeline
 
-    if train_method == "dreambooth":
-        pipe = PersonalizedPipeline.from_base(str(result))
-    else:
-        pipe = PersonalizedPipeline.from_base(train_config.base)
-        if train_method == "lora":
-            pipe.add(LoraPart(result))
-        if (result / "learned_embeds.safetensors").is_file():
-            pipe.add(EmbeddingPart(result / "learned_embeds.safetensors"))
+    loaded = load_result(result)
+    pipe = PersonalizedPipeline.from_base(loaded.base or base)
+    for part in loaded.parts:
+        pipe.add(part)
     pipe.pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _has_field(method, name: str) -> bool:
+    import dataclasses
+
+    return name in {f.name for f in dataclasses.fields(method.config_class())}
 
 
 def _format_row(row: dict) -> str:

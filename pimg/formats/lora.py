@@ -522,6 +522,21 @@ def load_lora_state_dict(
             raise ModelLoadError(
                 f"LoRA file '{path}' does not hold a flat name -> tensor dictionary. Export it again as .safetensors."
             )
+    return prepare_lora_state_dict(state_dict, components)
+
+
+def prepare_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], components: dict[str, torch.nn.Module], what: str = "LoRA"
+) -> dict[str, torch.Tensor]:
+    """LoRA weights in either layout, in memory -> diffusers layout, checked against the base.
+
+    The in-memory half of `load_lora_state_dict` (a hypernetwork's prediction takes this road).
+
+    Example:
+        >>> sd = prepare_lora_state_dict(predicted, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    """
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ModelLoadError(f"{what} is not a non-empty name -> tensor dictionary.")
     if detect_lora_format(state_dict) == "kohya":
         state_dict = kohya_to_diffusers(state_dict, components)
     else:

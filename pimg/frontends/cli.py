@@ -67,8 +67,7 @@ def cmd_env(args) -> None:
 
 
 def cmd_train_base(args) -> None:
-    from pimg.config import load_config
-    from pimg.trainers.toy_base import ToyBaseConfig, train_base
+    from pimg.trainers.toy_base import load_recipe, train_phases
 
     overrides = {
         "out_dir": args.out,
@@ -76,9 +75,10 @@ def cmd_train_base(args) -> None:
         "clip.loop.steps": args.clip_steps,
         "vae.loop.steps": args.vae_steps,
         "unet.loop.steps": args.unet_steps,
+        "decoder.loop.steps": args.decoder_steps,
     }
-    config = load_config(ToyBaseConfig, args.config, overrides)
-    folder = train_base(config, resume=args.resume)
+    phases = load_recipe(args.config, overrides, phase=args.phase)
+    folder = train_phases(phases, resume=args.resume)
     print(f"result written to {folder}")
 
 
@@ -96,21 +96,27 @@ def _set_arg(text: str) -> tuple[str, str]:
 
 
 def cmd_train(args) -> None:
-    from pimg.trainers.personalize import load_train_config, train
+    from pimg.trainers.personalize import load_train_config, resolve_preset, train
 
     # Flags whose dest starts with "cfg." are config keys; --set covers every other key.
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg.")} | dict(args.set or [])
-    config = load_train_config(args.method, args.config, overrides)
+    preset = resolve_preset(args.method, args.config, overrides.get("base"))
+    print(
+        f"pimg: settings from {preset}" if preset else "pimg: settings from the method's defaults (no preset)"
+    )
+    config = load_train_config(args.method, preset, overrides)
     print(f"{args.method} result written to {train(args.method, config, resume=args.resume)}")
 
 
 def _add_train_parser(sub) -> None:
+    from pimg.methods import list_methods
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--base",
         dest="cfg.base",
         metavar="BASE",
-        help="built-in name (tiny), diffusers folder, file or hub id",
+        help="built-in name (tiny), diffusers folder, file or hub id (default: tiny)",
     )
     common.add_argument(
         "--photos",
@@ -127,10 +133,17 @@ def _add_train_parser(sub) -> None:
     common.add_argument(
         "--class-noun", dest="cfg.class_noun", metavar="WORD", help="what the subject is, e.g. dog"
     )
-    common.add_argument("--config", default=None, help="YAML preset from configs/ (a diff from the defaults)")
+    common.add_argument(
+        "--config",
+        default=None,
+        help="YAML file or installed preset name (e.g. lora_sd15); default: the built-in base's preset "
+        "(configs/<method>_tiny.yaml for tiny), else the method's defaults",
+    )
     common.add_argument("--steps", dest="cfg.loop.steps", metavar="N", type=int, help="optimizer steps")
     common.add_argument("--lr", dest="cfg.loop.learning_rate", metavar="LR", type=float, help="learning rate")
-    common.add_argument("--batch-size", dest="cfg.batch_size", metavar="N", type=int)
+    common.add_argument(
+        "--batch-size", dest="cfg.batch_size", metavar="N", type=int, help="photos per micro-batch"
+    )
     common.add_argument(
         "--resolution",
         dest="cfg.resolution",
@@ -138,37 +151,40 @@ def _add_train_parser(sub) -> None:
         type=int,
         help="training size (default: the base's)",
     )
-    common.add_argument("--mixed-precision", dest="cfg.loop.mixed_precision", choices=("no", "bf16", "fp16"))
-    common.add_argument("--seed", dest="cfg.loop.seed", metavar="N", type=int)
-    common.add_argument("--out", dest="cfg.out_dir", metavar="DIR", help="output folder")
+    common.add_argument(
+        "--mixed-precision",
+        dest="cfg.loop.mixed_precision",
+        choices=("no", "bf16", "fp16"),
+        help="default: no",
+    )
+    common.add_argument(
+        "--seed", dest="cfg.loop.seed", metavar="N", type=int, help="seed of the run (default 0)"
+    )
+    common.add_argument("--out", dest="cfg.out_dir", metavar="DIR", help="output folder (default out/train)")
     common.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     common.add_argument(
         "--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="any config key, repeatable"
     )
-    text = dict(
-        dest="cfg.train_text_encoder", action="store_true", default=None, help="also train the text encoder"
-    )
 
-    train = sub.add_parser("train", help="learn a subject from photos: dreambooth, lora or ti")
-    methods = train.add_subparsers(dest="method", required=True)
-    db = methods.add_parser("dreambooth", parents=[common], help="fine-tune the UNet (prior preservation on)")
-    db.add_argument("--no-prior", dest="cfg.prior_preservation", action="store_false", default=None)
-    db.add_argument("--train-text-encoder", **text)
-    lo = methods.add_parser("lora", parents=[common], help="LoRA adapters (optionally with pivotal tuning)")
-    lo.add_argument("--rank", dest="cfg.rank", metavar="R", type=int)
-    lo.add_argument(
-        "--pivotal", dest="cfg.pivotal", action="store_true", default=None, help="also learn the token"
-    )
-    lo.add_argument("--train-text-encoder", **text)
-    ti = methods.add_parser("ti", parents=[common], help="textual inversion: a new token only")
-    ti.add_argument("--vectors", dest="cfg.n_vectors", metavar="N", type=int, help="vectors of the new token")
-    ti.add_argument(
-        "--init-word",
-        dest="cfg.init_word",
-        metavar="WORD",
-        help="word the token starts from (default: class noun); a phrase of exactly N tokens "
-        "gives each of N vectors its own word",
-    )
+    methods = list_methods()
+    train = sub.add_parser("train", help=f"learn a subject from photos: {', '.join(m.name for m in methods)}")
+    method_parsers = train.add_subparsers(dest="method", required=True)
+    for method in methods:
+        parser = method_parsers.add_parser(method.name, parents=[common], help=method.summary)
+        for flag in method.flags:
+            if flag.type is None:
+                action = "store_true" if flag.switch else "store_false"
+                parser.add_argument(
+                    flag.flag, dest=f"cfg.{flag.key}", action=action, default=None, help=flag.help
+                )
+            else:
+                parser.add_argument(
+                    flag.flag,
+                    dest=f"cfg.{flag.key}",
+                    type=flag.type,
+                    metavar=flag.key.upper(),
+                    help=flag.help,
+                )
     train.set_defaults(func=cmd_train)
 
 
@@ -407,14 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toyworld", help="the toy world: train the tiny base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    tb = toy_sub.add_parser("train-base", help="train the tiny base model (stages clip, vae, unet)")
-    tb.add_argument("--config", default=None, help="YAML file (a diff from the defaults)")
-    tb.add_argument("--out", default=None)
-    tb.add_argument("--stages", default=None, help="comma-separated subset of clip,vae,unet")
-    tb.add_argument("--clip-steps", type=int, default=None)
-    tb.add_argument("--vae-steps", type=int, default=None)
-    tb.add_argument("--unet-steps", type=int, default=None)
-    tb.add_argument("--resume", action="store_true", help="continue from the newest checkpoints")
+    tb = toy_sub.add_parser(
+        "train-base",
+        help="train the tiny base model (stages clip, vae, unet, decoder; a recipe's phases in order)",
+        description="Without --config: the shipped tiny's first phase; configs/toy_base.yaml: all five.",
+    )
+    tb.add_argument(
+        "--config", default=None, help="YAML file (a diff from the defaults); its `phases:` run in order"
+    )
+    tb.add_argument(
+        "--phase",
+        default=None,
+        metavar="NAME",
+        help="run only this phase of the --config recipe, e.g. binding",
+    )
+    tb.add_argument("--out", default=None, help="run folder (with several phases: only with --phase)")
+    tb.add_argument("--stages", default=None, help="comma-separated subset of clip,vae,unet,decoder")
+    tb.add_argument("--clip-steps", type=int, default=None, help="for every phase run")
+    tb.add_argument("--vae-steps", type=int, default=None, help="for every phase run")
+    tb.add_argument("--unet-steps", type=int, default=None, help="for every phase run")
+    tb.add_argument("--decoder-steps", type=int, default=None, help="for every phase run")
+    tb.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoints; finished stages and phases are skipped",
+    )
     tb.set_defaults(func=cmd_train_base)
     ex = toy_sub.add_parser("export", help="re-save a trained model folder in fp16 (as `tiny` ships)")
     ex.add_argument("--model", required=True, help="e.g. runs/tiny/unet/model")
@@ -439,9 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     ets = ev_sub.add_parser(
         "toysubject", help="train on toy-world subjects; print fidelity, backgrounds, drift"
     )
-    ets.add_argument(
-        "--method", required=True, choices=("lora", "pivotal", "ti", "dreambooth", "dreambooth-noprior")
-    )
+    from pimg.methods import evaluation_variants
+
+    ets.add_argument("--method", required=True, choices=list(evaluation_variants()), help="method or variant")
     ets.add_argument("--base", default=None, help="default: tiny")
     ets.add_argument("--subjects", type=int, default=None, help="evaluation subjects to train on (default 5)")
     ets.add_argument("--steps", type=int, default=None, help="training steps (default: the method preset's)")
@@ -455,10 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
     ets.set_defaults(func=cmd_eval_toysubject)
     _add_metric_parsers(ev_sub)
     _add_bench_parser(sub)
+
+    # Listed for `pimg --help`; `main` hands `pimg app ...` to the demo's own parser.
+    sub.add_parser("app", help="start the web demo (pimg app --help lists its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # the demo parses its own options (`pimg app --help` lists them)
+        from pimg.frontends.app import main as app_main
+
+        app_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -32,13 +32,13 @@ from pimg.frontends.subject_store import (
     SavedSubject,
     SessionSpace,
     check_prompt_tokens,
+    load_subjects,
     new_session_id,
     subject_parts,
 )
 from pimg.frontends.uploads import UploadLimits, check_uploads, copy_uploads
+from pimg.methods import get_method, list_methods
 
-#: Method label on the page -> trainer name in `pimg.trainers.personalize.METHODS`.
-METHOD_LABELS = {"LoRA": "lora", "DreamBooth": "dreambooth", "Textual Inversion": "ti"}
 #: Per-photo upload limits (the same size limit is given to Gradio's upload route).
 UPLOAD_LIMITS = UploadLimits(min_files=1, max_files=10, max_bytes=20 * 2**20)
 MAX_TRAIN_STEPS = 5000
@@ -115,8 +115,8 @@ class DemoBackend:
         base: the base model (built-in name, diffusers folder, single file or hub id).
         output_dir: everything the demo writes goes here (one sub-folder per session).
         device: "auto" (CUDA with bf16/fp16 when present, else CPU fp32), "cpu" or "cuda[:N]".
-        train_settings: per trainer ("lora", "dreambooth", "ti"), config keys to set on every run,
-            e.g. `{"dreambooth": {"num_class_images": 50}}` (dotted keys as in `pimg train --set`).
+        train_settings: per method name (`pimg.methods`), config keys to set on every run,
+            e.g. `{"<method>": {"loop.steps": 50}}` (dotted keys as in `pimg train --set`).
 
     Example: see the module docstring.
     """
@@ -152,15 +152,17 @@ class DemoBackend:
 
     def method_defaults(self, label: str) -> tuple[str, int]:
         """(default token, default steps) of a method: its config as `personalize` starts from it."""
-        config = self._train_config(_method(label), {})
+        config = self._train_config(get_method(label).name, {})
         return config.token, config.loop.steps
 
     def _train_config(self, trainer: str, overrides: dict):
         """The base's preset for `trainer` if it has one (else the defaults) <- train_settings <- overrides."""
-        from pimg.trainers.personalize import builtin_preset, load_train_config
+        from pimg.methods import builtin_preset
+        from pimg.trainers.personalize import load_train_config
 
         preset = builtin_preset(trainer, self.base)
-        return load_train_config(trainer, preset, {**self.train_settings.get(trainer, {}), **overrides})
+        settings = {"base": self.base, **self.train_settings.get(trainer, {}), **overrides}
+        return load_train_config(trainer, preset, settings)
 
     # -------------------------------------------------------------------------------------- models
 
@@ -185,9 +187,9 @@ class DemoBackend:
             return self._pipelines[base]
 
     def guidance_default(self) -> float:
-        from pimg.models import recommended_guidance
+        from pimg.inference.guidance import choose_guidance
 
-        return recommended_guidance(self.base)
+        return choose_guidance(self.base)[0]
 
     # -------------------------------------------------------------------------------------- personalize
 
@@ -209,7 +211,8 @@ class DemoBackend:
         """
 
         space = self.space(session_id)
-        trainer = _method(method)
+        entry = get_method(method)
+        trainer = entry.name
         class_noun = (class_noun or "").strip()
         if not class_noun or len(class_noun.split()) > 3:
             raise InputError(
@@ -233,14 +236,14 @@ class DemoBackend:
                 "loop.sample_every": steps // 4 if steps >= 8 else 0,
             }
             note = ""
-            if trainer == "dreambooth":
+            if "class_images_dir" in _config_fields(entry):
                 overrides["class_images_dir"] = str(self._class_images_dir(class_noun))
                 note = " First the base draws images of the bare class (prior preservation; once per class noun)."
             config = self._train_config(trainer, overrides)
             if progress is not None:
                 progress(0, desc="loading the base model")
             yield TrainUpdate(
-                f"Training **{name}** ({method}, {steps} steps) on {len(copied)} photo(s)…{note}"
+                f"Training **{name}** ({entry.label}, {steps} steps) on {len(copied)} photo(s)…{note}"
             )
             yield from self._run_training(trainer, config, out, name)
             subject = SavedSubject(
@@ -249,8 +252,7 @@ class DemoBackend:
                 token=config.token,
                 class_noun=class_noun,
                 base=self.base,
-                weights=_weights_of(trainer, out),
-                embedding=_pivotal_embedding(trainer, out),
+                weights=out.relative_to(folder).as_posix(),
                 photos=[p.relative_to(folder).as_posix() for p in copied],
                 steps=steps,
             )
@@ -278,8 +280,7 @@ class DemoBackend:
 
     def _run_training(self, trainer: str, config, out: Path, name: str):
         from pimg.trainers.loop import run_training
-        from pimg.trainers.personalize import method_classes
-        from pimg.trainers.subject_training import config_record
+        from pimg.trainers.personalize import result_record
 
         failure: list[BaseException] = []
 
@@ -287,10 +288,10 @@ class DemoBackend:
             # `pimg.trainers.personalize.train` in two steps, so that only the set-up (which loads the
             # base and builds adapters or token rows) holds BUILD_LOCK, not the training loop.
             try:
-                _, method_cls = method_classes(trainer)
+                method_cls = get_method(trainer).trainer_class()
                 with BUILD_LOCK:
                     method = method_cls(config)
-                run_training(method, config.loop, out, resolved_config=config_record(config))
+                run_training(method, config.loop, out, resolved_config=result_record(trainer, config))
             except BaseException as exc:  # handed to the generator, which raises it on the page's thread
                 failure.append(exc)
 
@@ -340,15 +341,13 @@ class DemoBackend:
         seed = _number("seed", seed, 0, 2**31 - 1)
         steps = _number("steps", num_inference_steps, 1, 200)
         num_images = _number("number of images", num_images, 1, MAX_IMAGES)
-        check_prompt_tokens(prompt or "", [s for s, _ in picks])
-        base, parts = subject_parts(picks, space.store)
-        if guidance_scale is not None:
-            guidance = float(guidance_scale)
-        else:  # what the chosen subjects' trainings recommend, else the base's
-            from pimg.trainers.subject_training import guidance_without_choice
+        loaded = load_subjects(picks, space.store)
+        check_prompt_tokens(prompt or "", loaded)
+        base, parts = subject_parts(loaded)
+        from pimg.inference.guidance import choose_guidance
 
-            subjects = [space.store.path(s, s.weights) for s, _ in picks]
-            guidance, _ = guidance_without_choice(self.base, subjects)
+        # None: what the chosen subjects' trainings recommend, else the base's.
+        guidance, _ = choose_guidance(self.base, [r.folder for _, r in loaded], guidance_scale)
         with self._generate_lock:
             pipe = self.pipeline(base)
             try:
@@ -365,8 +364,7 @@ class DemoBackend:
                 )
             finally:
                 with BUILD_LOCK:  # removing a token resizes the embedding table: a new module
-                    for part_name in list(pipe.parts):
-                        pipe.remove(part_name)
+                    pipe.clear()
         folder = space.new_folder("images")
         paths = [
             str(im.save(folder / f"{k:02d}_seed{im.settings['seed']}.png")) for k, im in enumerate(images)
@@ -453,12 +451,15 @@ class DemoBackend:
         return Evaluation(rows, means, notes)
 
 
-def _method(label: str) -> str:
-    if label in METHOD_LABELS:
-        return METHOD_LABELS[label]
-    if label in METHOD_LABELS.values():
-        return label
-    raise InputError(f"unknown method {label!r}; choose one of {', '.join(METHOD_LABELS)}.")
+def method_labels() -> list[str]:
+    """The registered methods' labels, as the Personalize tab lists them (`pimg.methods`)."""
+    return [m.label for m in list_methods()]
+
+
+def _config_fields(method) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(method.config_class())}
 
 
 def _free_name(space: SessionSpace, stem: str) -> str:
@@ -468,18 +469,3 @@ def _free_name(space: SessionSpace, stem: str) -> str:
     while f"{stem}_{number}" in taken or space.store.folder(f"{stem}_{number}").exists():
         number += 1
     return f"{stem}_{number}"
-
-
-def _weights_of(trainer: str, out: Path) -> str:
-    if trainer == "dreambooth":
-        return "train"
-    if trainer == "lora":
-        return "train/pytorch_lora_weights.safetensors"
-    found = [p for p in ("learned_embeds.safetensors", "embeddings_sdxl.safetensors") if (out / p).is_file()]
-    return f"train/{found[0] if found else 'learned_embeds.safetensors'}"
-
-
-def _pivotal_embedding(trainer: str, out: Path) -> str | None:
-    if trainer == "lora" and (out / "learned_embeds.safetensors").is_file():
-        return "train/learned_embeds.safetensors"
-    return None

@@ -12,8 +12,8 @@ form can never reach another file.
 Example:
     >>> space = SessionSpace("out/app", new_session_id())
     >>> folder = space.store.create("my_star")
-    >>> space.store.save(SavedSubject("my_star", "lora", "sks", "star", "tiny", "train/pytorch_lora_weights.safetensors"))
-    >>> base, parts = subject_parts([(space.store.load("my_star"), 0.8)])
+    >>> space.store.save(SavedSubject("my_star", "lora", "sks", "star", "tiny", "train"))
+    >>> base, parts = subject_parts(load_subjects([(space.store.load("my_star"), 0.8)], space.store))
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pimg.errors import InputError, ModelLoadError
-
-#: What a subject's `method` may be: the trainer that produced it.
-SUBJECT_METHODS = ("lora", "dreambooth", "ti")
+from pimg.methods import SubjectResult, get_method, load_result
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -60,13 +58,12 @@ class SavedSubject:
 
     Attributes:
         name: unique within its store (see `check_subject_name`).
-        method: one of `SUBJECT_METHODS`.
+        method: a registered method's name (`pimg.methods`): the trainer that produced it.
         token: the word that calls the subject up in prompts.
         class_noun: what the subject is ("star", "dog").
         base: the base model it was trained on (for DreamBooth the result is a base of its own).
-        weights: path relative to the subject's folder: the LoRA file, the embedding file, or the
-            DreamBooth pipeline folder.
-        embedding: path of a learned token embedding that goes with a LoRA (pivotal tuning), or None.
+        weights: path relative to the subject's folder of the training result (its folder, or a
+            weights file in it); `pimg.methods.load_result` turns it into parts.
         photos: the training photos, relative to the subject's folder.
         steps: training steps.
         created: seconds since the epoch.
@@ -78,15 +75,13 @@ class SavedSubject:
     class_noun: str
     base: str
     weights: str
-    embedding: str | None = None
     photos: list[str] = field(default_factory=list)
     steps: int = 0
     created: float = field(default_factory=time.time)
 
     def __post_init__(self):
         check_subject_name(self.name)
-        if self.method not in SUBJECT_METHODS:
-            raise InputError(f"subject method {self.method!r} is not one of {', '.join(SUBJECT_METHODS)}.")
+        get_method(self.method)  # an InputError naming the registered methods
 
     @property
     def prompt(self) -> str:
@@ -127,9 +122,8 @@ class SubjectStore:
     def save(self, subject: SavedSubject) -> Path:
         """Write `subject.json` in the subject's folder (atomically: a reader never sees half a file)."""
         folder = self.folder(subject.name)
-        for rel in [subject.weights, subject.embedding, *subject.photos]:
-            if rel is not None:
-                inside(folder, rel)
+        for rel in [subject.weights, *subject.photos]:
+            inside(folder, rel)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "subject.json.tmp"
         tmp.write_text(json.dumps(asdict(subject), indent=2))
@@ -204,48 +198,19 @@ def _mentions(prompt: str, token: str) -> bool:
     return re.search(rf"(?<!\S){re.escape(token)}(?=[\s,.;:!?)]|$)", prompt) is not None
 
 
-def check_prompt_tokens(prompt: str, subjects: list[SavedSubject]) -> None:
-    """Refuse a prompt that leaves out a learned token, or uses a `<token>` no chosen subject defines.
+def load_subjects(
+    chosen: list[tuple[SavedSubject, float]], store: SubjectStore
+) -> list[tuple[SavedSubject, SubjectResult]]:
+    """The chosen subjects' results, loaded (`pimg.methods.load_result`), after checking the choice.
 
-    A Textual Inversion word (or a pivotal LoRA's) does nothing unless the prompt says it, and an
-    unknown `<token>` is read as a few meaningless sub-words; both would silently give the base's image.
-
-    Example:
-        >>> check_prompt_tokens("a <cat> on grass", [saved_ti_subject_with_token_sks])
-        InputError: the prompt uses <cat>, which none of the chosen subjects defines ...
-    """
-    for subject in subjects:
-        learned = subject.method == "ti" or subject.embedding is not None
-        if learned and not _mentions(prompt, subject.token):
-            raise InputError(
-                f"subject {subject.name!r} is the learned word {subject.token!r}, which the prompt does not "
-                f"contain; write it into the prompt, e.g. '{subject.prompt} on a beach'."
-            )
-    known = {s.token for s in subjects}
-    unknown = [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in known]
-    if unknown:
-        defined = ", ".join(sorted(known)) or "none (no subject chosen)"
-        raise InputError(
-            f"the prompt uses {unknown[0]}, which none of the chosen subjects defines (their tokens: "
-            f"{defined}); choose the subject that answers to it, or remove it from the prompt."
-        )
-
-
-def subject_parts(chosen: list[tuple[SavedSubject, float]], store: SubjectStore) -> tuple[str | None, list]:
-    """The base override and pipeline parts that apply the chosen subjects.
-
-    A DreamBooth subject is a whole pipeline, so it replaces the base (at most one, at scale 1); LoRA
-    and Textual Inversion subjects become `LoraPart`s / `EmbeddingPart`s on top of it.
+    Refused: a subject chosen twice, two subjects with one token (a prompt could not tell them
+    apart), more than one whole-model subject (only one can be the base), a scale outside 0-2, and
+    missing weights.
 
     Args:
         chosen: (subject, scale) pairs; the scale weighs a LoRA (0 = off, 1 = as trained).
         store: the store the subjects live in (resolves their files).
-
-    Returns:
-        (the DreamBooth pipeline folder to use as base, or None; the parts to add, in order).
     """
-    from pimg.inference.pipeline import EmbeddingPart, LoraPart
-
     names = [s.name for s, _ in chosen]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -259,33 +224,64 @@ def subject_parts(chosen: list[tuple[SavedSubject, float]], store: SubjectStore)
                 "with another token."
             )
         tokens[subject.token] = subject.name
-    dreambooth = [(s, scale) for s, scale in chosen if s.method == "dreambooth"]
-    if len(dreambooth) > 1:
+    whole = [s.name for s, _ in chosen if get_method(s.method).whole_model]
+    if len(whole) > 1:
         raise InputError(
-            f"{len(dreambooth)} DreamBooth subjects chosen ({', '.join(s.name for s, _ in dreambooth)}); each is "
-            "a whole model, so only one can be the base. Choose one, or use LoRA subjects to combine."
+            f"{len(whole)} whole-model subjects chosen ({', '.join(whole)}); each is a whole model (e.g. "
+            "DreamBooth), so only one can be the base. Choose one, or use LoRA subjects to combine."
         )
-    base = None
-    if dreambooth:
-        subject, scale = dreambooth[0]
-        if scale != 1.0:
-            raise InputError(
-                f"{subject.name!r} is a DreamBooth subject (a whole model), which has no scale; set its scale to 1."
-            )
-        base = str(store.path(subject, subject.weights))
-    parts = []
     for subject, scale in chosen:
         if not 0.0 <= scale <= 2.0:
             raise InputError(f"scale of {subject.name!r} must be between 0 and 2, got {scale}.")
+        if subject.name in whole and scale != 1.0:
+            raise InputError(
+                f"{subject.name!r} is a {get_method(subject.method).label} subject (a whole model), which has no "
+                "scale; set its scale to 1."
+            )
+    loaded = []
+    for subject, scale in chosen:
         weights = store.path(subject, subject.weights)
         if not weights.exists():
             raise ModelLoadError(
                 f"the weights of subject {subject.name!r} are missing ({weights}); train it again."
             )
-        if subject.method == "lora":
-            parts.append(LoraPart(weights, scale=scale, name=subject.name.replace("-", "_")))
-            if subject.embedding is not None:
-                parts.append(EmbeddingPart(store.path(subject, subject.embedding), token=subject.token))
-        elif subject.method == "ti":
-            parts.append(EmbeddingPart(weights, token=subject.token))
-    return base, parts
+        try:
+            result = load_result(
+                weights, scale=scale, name=subject.name.replace("-", "_"), token=subject.token
+            )
+        except InputError as exc:
+            raise InputError(f"subject {subject.name!r}: {exc}") from None
+        loaded.append((subject, result))
+    return loaded
+
+
+def subject_parts(loaded: list[tuple[SavedSubject, SubjectResult]]) -> tuple[str | None, list]:
+    """(the whole-model subject's folder to use as base, or None; the parts to add, in order)."""
+    base = next((r.base for _, r in loaded if r.base is not None), None)
+    return base, [part for _, result in loaded for part in result.parts]
+
+
+def check_prompt_tokens(prompt: str, loaded: list[tuple[SavedSubject, SubjectResult]]) -> None:
+    """Refuse a prompt that leaves out a learned token, or uses a `<token>` no chosen subject defines.
+
+    A Textual Inversion word (or a pivotal LoRA's) does nothing unless the prompt says it, and an
+    unknown `<token>` is read as a few meaningless sub-words; both would silently give the base's image.
+
+    Example:
+        >>> check_prompt_tokens("a <cat> on grass", load_subjects([(ti_subject_with_token_sks, 1.0)], store))
+        InputError: the prompt uses <cat>, which none of the chosen subjects defines ...
+    """
+    for subject, result in loaded:
+        if result.learned_token is not None and not _mentions(prompt, subject.token):
+            raise InputError(
+                f"subject {subject.name!r} is the learned word {subject.token!r}, which the prompt does not "
+                f"contain; write it into the prompt, e.g. '{subject.prompt} on a beach'."
+            )
+    known = {s.token for s, _ in loaded}
+    unknown = [t for t in re.findall(r"<[^<>\s]+>", prompt) if t not in known]
+    if unknown:
+        defined = ", ".join(sorted(known)) or "none (no subject chosen)"
+        raise InputError(
+            f"the prompt uses {unknown[0]}, which none of the chosen subjects defines (their tokens: "
+            f"{defined}); choose the subject that answers to it, or remove it from the prompt."
+        )

@@ -19,7 +19,7 @@ class GenerateRequest:
         loras: (path, scale) pairs.
         embeddings: (path, token or None) pairs.
         guidance_scale: None picks the one the loaded subjects recorded, else the base's (see
-            `default_guidance`).
+            `pimg.inference.guidance.choose_guidance`).
         num_images: images per prompt; image k of a prompt uses seed `seed + k`.
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
     """
@@ -78,7 +78,9 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     """
     from tqdm.auto import tqdm
 
-    from pimg.inference.pipeline import EmbeddingPart, LoraPart, PersonalizedPipeline
+    from pimg.inference.guidance import choose_guidance
+    from pimg.inference.parts import EmbeddingPart, LoraPart
+    from pimg.inference.pipeline import PersonalizedPipeline
     from pimg.models import pick_device
 
     request.validate()
@@ -97,9 +99,9 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         pp.add(EmbeddingPart(path, token))
     for path, scale in request.loras:
         pp.add(LoraPart(path, scale))
-    guidance, source = request.guidance_scale, "--guidance"
-    if guidance is None:
-        guidance, source = default_guidance(request)
+    subjects = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
+    guidance, source = choose_guidance(request.base, subjects, request.guidance_scale)
+    source = "--guidance" if source == "given" else source
     print(f"pimg: guidance {guidance:g} ({source})")
     out = Path(request.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,12 +129,3 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"pimg: wrote {len(written)} images and settings.json to {out}")
     return written
-
-
-def default_guidance(request: GenerateRequest) -> tuple[float, str]:
-    """The guidance when none is given, and where it comes from (`guidance_without_choice` of the
-    request's LoRAs and embeddings on its base)."""
-    from pimg.trainers.subject_training import guidance_without_choice
-
-    subjects = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
-    return guidance_without_choice(request.base, subjects)

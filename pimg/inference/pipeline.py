@@ -1,17 +1,15 @@
 """The shared pipeline: one base model plus the personalization parts applied to it.
 
-Every method plugs in as a `Part`. A part attaches itself to the diffusers pipeline (loads LoRA
-weights, adds token embeddings, installs attention processors), may adjust the arguments of each
-generation call (`prepare_call`: an ID adapter adds image embeddings, mask-routed multi-subject
-fusion adds its masks), and describes itself for the images' metadata. LoRA adapters and Textual
-Inversion embeddings ship here; the hypernetwork, ID adapter and multi-subject fusion subclass
-`Part` in their own modules.
+Every method plugs in as a `Part` (`pimg.inference.parts` states the contract). Every generation in
+pimg goes through `PersonalizedPipeline.generate` (the CLI, the demo, training samples, class images,
+the toy evaluations and the bench), so whatever a part does at generation time is applied everywhere.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import math
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,142 +18,15 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
-from pimg.errors import InputError, ModelLoadError
-
-
-class Part:
-    """A personalization component applied to a base pipeline (the extension point).
-
-    Subclasses override `attach` and `detach`, optionally `prepare_call`, and `describe`.
-    """
-
-    kind = "part"
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def attach(self, pipe) -> None:
-        """Apply this part to the diffusers pipeline."""
-        raise NotImplementedError
-
-    def detach(self, pipe) -> None:
-        """Undo `attach`."""
-        raise NotImplementedError
-
-    def prepare_call(self, call_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Adjust the keyword arguments of one pipeline call (default: unchanged)."""
-        return call_kwargs
-
-    def describe(self) -> dict[str, Any]:
-        """What went into an image, for its metadata."""
-        return {"kind": self.kind, "name": self.name}
-
-
-def _components(pipe) -> dict[str, torch.nn.Module]:
-    return {
-        name: getattr(pipe, name)
-        for name in ("unet", "text_encoder", "text_encoder_2")
-        if getattr(pipe, name, None) is not None
-    }
-
-
-@contextmanager
-def _diffusers_log_level(level: int):
-    from diffusers.utils import logging as diffusers_logging
-
-    before = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(before)
-
-
-class LoraPart(Part):
-    """A LoRA file (diffusers or kohya layout) applied with a scale, as a named peft adapter."""
-
-    kind = "lora"
-
-    def __init__(self, path: str | Path, scale: float = 1.0, name: str | None = None):
-        self.path = Path(path)
-        super().__init__(name or _adapter_name(self.path))
-        self.scale = float(scale)
-
-    def attach(self, pipe) -> None:
-        from pimg.formats.lora import load_lora_state_dict
-
-        state_dict = load_lora_state_dict(self.path, _components(pipe))
-        if any(key.startswith("text_encoder") for key in state_dict):
-            pipe.load_lora_weights(state_dict, adapter_name=self.name)
-            return
-        # diffusers warns, at length, that a UNet-only LoRA holds no text-encoder keys: expected here.
-        with _diffusers_log_level(logging.ERROR):
-            pipe.load_lora_weights(state_dict, adapter_name=self.name)
-
-    def detach(self, pipe) -> None:
-        pipe.delete_adapters(self.name)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": str(self.path), "scale": self.scale}
-
-
-class EmbeddingPart(Part):
-    """A Textual Inversion embedding (diffusers, A1111 or SDXL file), bound to a token of the prompt."""
-
-    kind = "embedding"
-
-    def __init__(self, path: str | Path, token: str | None = None):
-        from pimg.formats.embeddings import read_embedding_vectors
-
-        self.path = Path(path)
-        self.token, self.per_encoder = read_embedding_vectors(self.path, token=token)
-        super().__init__(self.token)
-
-    def _encoders(self, pipe) -> list[tuple[Any, Any]]:
-        """(tokenizer, text encoder) pairs, one per part of the file; refuses a file of the other family."""
-        pairs = [(pipe.tokenizer, pipe.text_encoder)]
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-        if len(pairs) != len(self.per_encoder):
-            family = "an SDXL" if len(self.per_encoder) == 2 else "an SD 1.x/2.x"
-            raise ModelLoadError(
-                f"{self.path} is {family} embedding ({len(self.per_encoder)} text encoder part(s)), but this base "
-                f"has {len(pairs)} text encoder(s). Load it on a base of the family it was trained for."
-            )
-        return pairs
-
-    def attach(self, pipe) -> None:
-        from pimg.formats.embeddings import check_embedding
-
-        pairs = self._encoders(pipe)
-        for (tokenizer, encoder), vectors in zip(pairs, self.per_encoder, strict=True):
-            check_embedding(tokenizer, encoder, self.token, vectors)
-        for (tokenizer, encoder), vectors in zip(pairs, self.per_encoder, strict=True):
-            pipe.load_textual_inversion(
-                {self.token: vectors}, token=self.token, tokenizer=tokenizer, text_encoder=encoder
-            )
-
-    def detach(self, pipe) -> None:
-        from pimg.formats.embeddings import multi_vector_tokens
-
-        # diffusers unloads only the tokens it is given: an n-vector embedding added `<t>_1`, ... too,
-        # and leaving them would refuse the same file when it is attached again.
-        names = multi_vector_tokens(self.token, int(self.per_encoder[0].shape[0]))
-        for tokenizer, encoder in self._encoders(pipe):
-            pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "path": str(self.path),
-            "token": self.token,
-            "vectors": int(self.per_encoder[0].shape[0]),
-        }
-
-
-def _adapter_name(path: Path) -> str:
-    stem = path.parent.name if path.name.startswith("pytorch_lora_weights") else path.stem
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in (stem or "lora"))
+from pimg.errors import InputError
+from pimg.inference.parts import (
+    GenerationCall,
+    NoisePredictionHook,
+    Part,
+    chain_step_callbacks,
+    merge_call_arguments,
+    noise_prediction_chain,
+)
 
 
 @dataclass
@@ -233,30 +104,60 @@ class PersonalizedPipeline:
         self.scheduler_name = name
 
     def add(self, part: Part) -> Part:
-        """Attach `part`; its name must be new."""
+        """Attach `part`; its name, and the names of the adapters it owns, must be new."""
         if part.name in self.parts:
             raise InputError(f"a part named {part.name!r} is already attached; give it another name.")
         part.attach(self.pipe)
-        self.parts[part.name] = part
-        self._sync_lora_scales()
+        try:
+            self.parts[part.name] = part
+            self._activate_adapters()
+        except BaseException:
+            self.parts.pop(part.name, None)
+            part.detach(self.pipe)
+            raise
         return part
 
     def remove(self, name: str) -> None:
         if name not in self.parts:
             raise InputError(f"no part named {name!r}; attached: {', '.join(self.parts) or 'none'}.")
         self.parts.pop(name).detach(self.pipe)
-        self._sync_lora_scales()
+        self._activate_adapters()
 
-    def _sync_lora_scales(self) -> None:
-        loras = [p for p in self.parts.values() if isinstance(p, LoraPart)]
-        if loras:
-            self.pipe.set_adapters([p.name for p in loras], adapter_weights=[p.scale for p in loras])
+    def clear(self) -> None:
+        """Remove every part, newest first."""
+        for name in reversed(list(self.parts)):
+            self.remove(name)
+
+    def _activate_adapters(self) -> None:
+        """Make the union of the parts' peft adapters the active set, each at its part's weight."""
+        weights: dict[str, float] = {}
+        owners: dict[str, str] = {}
+        for part in self.parts.values():
+            for adapter, weight in part.adapters().items():
+                if adapter in owners:
+                    raise InputError(
+                        f"parts {owners[adapter]!r} and {part.name!r} both claim the peft adapter {adapter!r}; "
+                        "give one of them another name."
+                    )
+                owners[adapter], weights[adapter] = part.name, float(weight)
+        if weights:
+            self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
     def check_inputs(
-        self, prompt: str, height: int, width: int, num_images: int, num_inference_steps: int
+        self,
+        prompts: list[str],
+        height: int,
+        width: int,
+        num_images: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        part_prompts: dict[str, str],
     ) -> None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"prompt must be a non-empty string, got {prompt!r}.")
+        if not prompts:
+            raise InputError("no prompt given: pass a non-empty string (or a list of them).")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"prompt must be a non-empty string, got {prompt!r}.")
         for name, value in (("height", height), ("width", width)):
             if value % 8 != 0 or value <= 0:
                 raise InputError(
@@ -266,6 +167,25 @@ class PersonalizedPipeline:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         if num_inference_steps < 1:
             raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if (
+            not isinstance(guidance_scale, int | float)
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise InputError(
+                f"guidance_scale must be a finite number >= 0, got {guidance_scale!r} (1 turns guidance off; "
+                "tiny samples best at 3, Stable Diffusion at about 7.5)."
+            )
+        for name, text in part_prompts.items():
+            part = self.parts.get(name)
+            if part is None or not part.takes_prompt:
+                takers = [n for n, p in self.parts.items() if p.takes_prompt]
+                raise InputError(
+                    f"a prompt was given for part {name!r}, which {'is not attached' if part is None else 'takes none'}; "
+                    f"parts that take their own prompt: {', '.join(takers) or 'none attached'}."
+                )
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"the prompt of part {name!r} must be a non-empty string, got {text!r}.")
 
     def default_size(self) -> int:
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
@@ -273,60 +193,110 @@ class PersonalizedPipeline:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         *,
         negative_prompt: str | None = None,
         num_images: int = 1,
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
         height: int | None = None,
         width: int | None = None,
+        part_prompts: dict[str, str] | None = None,
         callback=None,
     ) -> list[GeneratedImage]:
-        """Generate `num_images` images; image k uses seed `seed + k`, so each is reproducible alone.
+        """Generate `num_images` images per prompt; image k of a prompt uses seed `seed + k`, so each
+        is reproducible alone.
 
         Args:
-            prompt, negative_prompt, num_inference_steps, guidance_scale: as in diffusers.
-            num_images: images for this prompt.
-            seed: seed of the first image.
+            prompt: a prompt, or a list of prompts generated in one batch.
+            negative_prompt, num_inference_steps, guidance_scale: as in diffusers.
+            num_images: images per prompt.
+            seed: seed of each prompt's first image.
+            seeds: one seed per image instead (len(prompts) * num_images of them, in output order).
             height, width: pixels, multiples of 8 (default: the model's native size).
+            part_prompts: prompts of parts that take their own (part name -> prompt).
             callback: `callback(step, total)` after each denoising step, for progress display.
         Returns:
-            The images with their settings.
+            The images with their settings, prompt by prompt.
         """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
-        self.check_inputs(prompt, height, width, num_images, num_inference_steps)
-        # CPU generators: the same seed gives the same image on CPU and GPU.
-        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        kwargs: dict[str, Any] = dict(
-            prompt=prompt,
+        part_prompts = dict(part_prompts or {})
+        self.check_inputs(
+            prompts, height, width, num_images, num_inference_steps, guidance_scale, part_prompts
+        )
+        if seeds is None:
+            seeds = [seed + k for _ in prompts for k in range(num_images)]
+        elif len(seeds) != len(prompts) * num_images:
+            raise InputError(
+                f"seeds: {len(seeds)} given for {len(prompts) * num_images} images; give one per image."
+            )
+        call = GenerationCall(
+            prompts=[p for p in prompts for _ in range(num_images)],
             negative_prompt=negative_prompt or None,
+            seeds=list(seeds),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            part_prompts=part_prompts,
+        )
+        # CPU generators: the same seed gives the same image on CPU and GPU.
+        kwargs: dict[str, Any] = dict(
+            prompt=prompt if isinstance(prompt, str) else prompts,
+            negative_prompt=call.negative_prompt,
             num_images_per_prompt=num_images,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
             width=width,
-            generator=generators,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         )
+        parts = list(self.parts.values())
+        kwargs = merge_call_arguments(kwargs, [(p.name, p.call_arguments(call)) for p in parts])
+        callbacks = [c for c in (p.step_callback(call) for p in parts) if c is not None]
         if callback is not None:
-            kwargs["callback_on_step_end"] = lambda pipe, i, t, kw: (
-                callback(i + 1, num_inference_steps),
-                kw,
-            )[1]
-        for part in self.parts.values():
-            kwargs = part.prepare_call(kwargs)
-        images = self.pipe(**kwargs).images
+
+            def progress(pipe, step: int, timestep, tensors: dict) -> dict:
+                callback(step + 1, num_inference_steps)
+                return tensors
+
+            callbacks.append(progress)
+        if (chained := chain_step_callbacks(callbacks)) is not None:
+            kwargs["callback_on_step_end"] = chained
+        with self._noise_prediction_hook([p for p in parts if p.changes_noise_prediction()], call):
+            images = self.pipe(**kwargs).images
         common = {
             "base": self.base_name,
-            "prompt": prompt,
             "negative_prompt": negative_prompt or "",
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "height": height,
             "width": width,
             "scheduler": self.scheduler_name,
-            "parts": [p.describe() for p in self.parts.values()],
+            "parts": [p.describe() for p in parts],
         }
-        return [GeneratedImage(im, {**common, "seed": seed + k}) for k, im in enumerate(images)]
+        if part_prompts:
+            common["part_prompts"] = part_prompts
+        return [
+            GeneratedImage(im, {**common, "prompt": text, "seed": s})
+            for im, text, s in zip(images, call.prompts, seeds, strict=True)
+        ]
+
+    @contextmanager
+    def _noise_prediction_hook(self, parts: list[Part], call: GenerationCall):
+        """Route the pipeline's UNet calls through `parts`' wrappers for one call (nothing when none wraps)."""
+        if not parts:
+            yield
+            return
+        unet = self.pipe.unet
+        hook = NoisePredictionHook(unet, noise_prediction_chain(unet, parts, call))
+        # object.__setattr__: DiffusionPipeline.__setattr__ would record the stand-in in model_index.
+        object.__setattr__(self.pipe, "unet", hook)
+        try:
+            yield
+        finally:
+            object.__setattr__(self.pipe, "unet", unet)

@@ -8,6 +8,7 @@ measured CPU speed: a batch-8 UNet forward (4 images with classifier-free guidan
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -162,7 +163,8 @@ def save_model_folder(pipeline, clip, folder: str | Path, *, half: bool = False)
     """Save a pipeline in diffusers folder format plus the full CLIP under `clip/`.
 
     `StableDiffusionPipeline.from_pretrained(folder)` reads it; `CLIPModel.from_pretrained(folder/"clip")`
-    reads the CLIP whose towers serve the toy metrics.
+    reads the CLIP whose towers serve the toy metrics. Both load in float32 when no dtype is given, even
+    from weights stored in fp16 (`half`); `dtype=torch.float16` loads every part in half precision.
     """
     folder = Path(folder)
     if half:
@@ -172,7 +174,27 @@ def save_model_folder(pipeline, clip, folder: str | Path, *, half: bool = False)
     clip.save_pretrained(str(folder / "clip"), safe_serialization=True)
     pipeline.tokenizer.save_pretrained(str(folder / "clip"))
     clip_image_processor().save_pretrained(str(folder / "clip"))
+    for config in (folder / "text_encoder" / "config.json", folder / "clip" / "config.json"):
+        declare_float32(config)
     return folder
+
+
+def declare_float32(config_file: str | Path) -> None:
+    """Make a saved transformers `config.json` name float32 (top level and sub-configs), whatever the weights.
+
+    transformers 5 loads a model in the dtype its config names, and `save_pretrained` writes the dtype the
+    model had; diffusers loads its models in float32. A text encoder saved in fp16 thus came back in fp16
+    beside an fp32 UNet from `StableDiffusionPipeline.from_pretrained(folder)` with no dtype, and the first
+    call failed ("mat1 and mat2 must have the same dtype"). Weights stored in fp16 are upcast on load.
+    """
+    path = Path(config_file)
+    config = json.loads(path.read_text())
+    config["dtype"] = "float32"
+    for sub in config.values():
+        if isinstance(sub, dict) and "dtype" in sub:
+            sub["dtype"] = "float32"
+    # transformers' own layout, so a re-saved config differs only where the dtype changed.
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def clip_image_processor():
@@ -192,6 +214,9 @@ def clip_image_processor():
 def export_model(source: str | Path, destination: str | Path) -> Path:
     """Re-save a trained tiny model folder in fp16 (how `tiny` ships inside the package).
 
+    The weights are stored in fp16; the configs name float32, so a load without a dtype gives a float32
+    pipeline (see `declare_float32`).
+
     Example:
         >>> export_model("runs/tiny/unet/model", "pimg/assets/tiny")
     """
@@ -199,10 +224,11 @@ def export_model(source: str | Path, destination: str | Path) -> Path:
     from transformers import CLIPModel
 
     source = Path(source)
+    # float32 whatever the source's configs say (an older export names float16 for its text encoder).
     pipeline = StableDiffusionPipeline.from_pretrained(
-        str(source), safety_checker=None, requires_safety_checker=False
+        str(source), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
-    clip = CLIPModel.from_pretrained(str(source / "clip"))
+    clip = CLIPModel.from_pretrained(str(source / "clip"), dtype=torch.float32)
     return save_model_folder(pipeline, clip, destination, half=True)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pimg.imaging import grid, to_model_range, to_uint8
+from pimg.inference.guidance import choose_guidance
 from pimg.toyworld.captions import SceneStream, caption
 from pimg.toyworld.checker import check_prompt
 from pimg.toyworld.scene import sample_scene
@@ -33,7 +34,8 @@ class ToyBaseEvalConfig:
         num_prompts: prompts per split (seen, held-out).
         seeds: images per prompt.
         two_object_prob: share of two-object prompts.
-        guidance_scale: classifier-free guidance; None: `toy_guidance(base)`.
+        guidance_scale: classifier-free guidance; None: the base's (`choose_guidance`; `tiny`'s for a
+            toy-world model folder).
         batch_prompts: prompts per pipeline call (x seeds images per call).
     """
 
@@ -48,15 +50,6 @@ class ToyBaseEvalConfig:
     out_dir: str = "out/eval-toybase"
 
 
-def toy_guidance(base: str) -> float:
-    """The guidance a toy-world base is evaluated at: a built-in's recommended one; for a model folder
-    (e.g. a `pimg toyworld train-base` result), `tiny`'s, since it is the same domain and training, and
-    SD's usual 7.5 would overshoot it (two-object accuracy falls as guidance rises past 3)."""
-    from pimg.models import BUILTIN_MODELS
-
-    return BUILTIN_MODELS.get(base, BUILTIN_MODELS["tiny"]).guidance_scale
-
-
 def eval_prompts(split: str, n: int, seed: int, two_object_prob: float) -> list[tuple[str, object]]:
     """n (caption, scene) pairs from `split`, every attribute stated in the caption."""
     rng = np.random.default_rng(seed)
@@ -68,23 +61,19 @@ def eval_prompts(split: str, n: int, seed: int, two_object_prob: float) -> list[
 
 
 def score_generation(pipe, pairs, config: ToyBaseEvalConfig, bar=None) -> tuple[dict[str, list[bool]], list]:
-    """Generate `config.seeds` images per prompt and check each one; returns per-key results and images."""
+    """With `pipe` (a `PersonalizedPipeline`), generate `config.seeds` images per prompt and check each one; returns per-key results and images."""
     results: dict[str, list[bool]] = defaultdict(list)
     samples = []
     for start in range(0, len(pairs), config.batch_prompts):
         chunk = pairs[start : start + config.batch_prompts]
         prompts = [p for p, _ in chunk for _ in range(config.seeds)]
-        generators = [
-            torch.Generator().manual_seed(config.seed + start * config.seeds + k) for k in range(len(prompts))
-        ]
-        images = pipe(
+        generated = pipe.generate(
             prompts,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
-            generator=generators,
-            output_type="np",
-        ).images
-        images = (images * 255).round().astype(np.uint8)
+            seeds=[config.seed + start * config.seeds + k for k in range(len(prompts))],
+        )
+        images = [np.asarray(g.image) for g in generated]
         for k, image in enumerate(images):
             scene = chunk[k // config.seeds][1]
             checks = check_prompt(image, scene)
@@ -129,13 +118,14 @@ def evaluate_base(config: ToyBaseEvalConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import CLIPModel
 
-    from pimg.models import describe_base, load_base
+    from pimg.inference.pipeline import PersonalizedPipeline
+    from pimg.models import describe_base
 
     started = time.time()
     if config.guidance_scale is None:
-        config = replace(config, guidance_scale=toy_guidance(config.base))
-    pipe = load_base(config.base)
-    pipe.set_progress_bar_config(disable=True)
+        config = replace(config, guidance_scale=choose_guidance(config.base)[0])
+    pipe = PersonalizedPipeline.from_base(config.base)
+    pipe.pipe.set_progress_bar_config(disable=True)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": asdict(config), "splits": {}}
@@ -150,10 +140,10 @@ def evaluate_base(config: ToyBaseEvalConfig) -> dict:
         }
     bar.close()
     folder = Path(describe_base(config.base)[1])
-    report["vae_psnr_db"] = vae_psnr(pipe.vae)
+    report["vae_psnr_db"] = vae_psnr(pipe.pipe.vae)
     if (folder / "clip").is_dir():
         clip = CLIPModel.from_pretrained(str(folder / "clip")).float().eval()
-        report["clip_retrieval_top1_heldout"] = clip_retrieval_top1(clip, pipe.tokenizer)
+        report["clip_retrieval_top1_heldout"] = clip_retrieval_top1(clip, pipe.pipe.tokenizer)
     report["wall_time_s"] = time.time() - started
     grid(all_samples, columns=8).save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))

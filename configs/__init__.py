@@ -1,0 +1,1 @@
+"""pimg's YAML presets, installed as package data (`pimg.methods.preset_path` finds them)."""
