@@ -1,7 +1,9 @@
 """YAML files and CLI flags -> typed, validated config dataclasses.
 
 Config files are short diffs from the dataclass defaults. Unknown keys are errors that name the
-nearest valid key, so a typo never silently trains with a default.
+nearest valid key, so a typo never silently trains with a default. A bad value is blamed on where it
+came from: the YAML file, or the override and the flag that gave it (`sources`), never the file for a
+value the command line gave.
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ import yaml
 from pimg.errors import InputError
 
 T = TypeVar("T")
+
+#: The seed that asks for a random one (`pimg train --seed -1`, `pimg generate --seed -1`).
+RANDOM_SEED = -1
+
+
+def resolve_seed(seed: int) -> int:
+    """`seed`, or a fresh random non-negative one for `RANDOM_SEED` (-1), to record and reuse.
+
+    Example:
+        >>> resolve_seed(7), 0 <= resolve_seed(-1) < 2**31
+        (7, True)
+    """
+    import secrets
+
+    return secrets.randbelow(2**31) if seed == RANDOM_SEED else seed
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -100,28 +117,98 @@ def dotted_to_nested(flat: dict[str, Any]) -> dict:
     return nested
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
+) -> T:
     """Defaults <- YAML file <- dotted overrides (CLI flags), validated into `cls`.
+
+    An error names where the bad value came from: the YAML file, or the override itself (its key and,
+    with `sources`, the flag that gave it), never the file for a value the command line gave.
 
     Args:
         cls: the config dataclass.
         path: optional YAML file (a short diff from the defaults).
         overrides: dotted keys from the command line; None values mean "not given".
+        sources: how each override was given, for messages, e.g. {"loop.steps": "--set loop.steps=abc",
+            "rank": "--rank 4"}; keys left out are called "the override KEY=VALUE".
+
+    Example:
+        >>> load_config(LoraTrainConfig, "configs/lora_tiny.yaml", {"rank": "x"}, {"rank": "--set rank=x"})
+        InputError: --set rank=x: rank must be int, got 'x'.
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(
-                f"config file {p} does not exist; pass a YAML file from configs/ or leave --config out."
-            )
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InputError(f"config file {p} must hold a mapping of settings, got {type(data).__name__}.")
-    data = merge(data, dotted_to_nested(overrides or {}))
+    data = read_yaml(path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    labels = {k: (sources or {}).get(k) or f"the override {k}={v!r}" for k, v in given.items()}
+    for key, value in given.items():
+        check_override(cls, key, value, labels[key])
+    where = Path(path).name if path else "config"
     # Nested dataclass fields that the file leaves out keep their defaults, merged field by field.
     defaults = dataclasses.asdict(cls())
-    return from_dict(cls, merge(defaults, data), where=Path(path).name if path else "config")
+    try:
+        return from_dict(cls, merge(defaults, merge(data, dotted_to_nested(given))), where=where)
+    except InputError as exc:
+        raise _blame(cls, merge(defaults, data), given, labels, where, exc) from None
+
+
+def read_yaml(path: str | Path | None) -> dict:
+    """The mapping a YAML config file holds ({} for no file); an InputError naming the file otherwise."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(
+            f"config file {p} does not exist; pass a YAML file from configs/ or leave --config out."
+        )
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"config file {p} must hold a mapping of settings, got {type(data).__name__}.")
+    return data
+
+
+def check_override(cls: type, key: str, value: Any, label: str) -> Any:
+    """`value` coerced to the type of dotted `key` in `cls`; an InputError that starts with `label`
+    (how the value was given, e.g. "--set loop.steps=abc") for an unknown key or a value of the wrong type.
+
+    Example:
+        >>> check_override(LoraTrainConfig, "loop.steps", "12", "--set loop.steps=12")
+        12
+    """
+    node, parts = cls, key.split(".")
+    for depth, part in enumerate(parts):
+        types_ = _field_types(node)
+        if part not in types_:
+            near = difflib.get_close_matches(part, list(types_), n=1)
+            hint = f" Did you mean {'.'.join([*parts[:depth], near[0]])!r}?" if near else ""
+            scope = f" in {'.'.join(parts[:depth])}" if depth else ""
+            raise InputError(
+                f"{label}: unknown key {part!r}{scope}.{hint} Valid keys{scope}: {', '.join(types_)}."
+            )
+        annotation = types_[part]
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(annotation):
+                raise InputError(
+                    f"{label}: {'.'.join(parts[: depth + 1])} is one setting, not a group of settings."
+                )
+            node = annotation
+    return _coerce(value, annotation, f"{label}: {key}")
+
+
+def _blame(cls: type, base: dict, given: dict, labels: dict, where: str, error: InputError) -> InputError:
+    """The error of a config that failed a check across fields (`__post_init__`), blamed on its source:
+    the YAML when it fails without the overrides, else the first override that fails on its own."""
+    try:
+        from_dict(cls, base, where=where)
+    except InputError:
+        return error
+    for key, value in given.items():
+        try:
+            from_dict(cls, merge(base, dotted_to_nested({key: value})), where=where)
+        except InputError as alone:
+            return InputError(f"{labels[key]}: {alone}")
+    return InputError(f"{error} (with {', '.join(labels.values())} on top of {where})")

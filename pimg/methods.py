@@ -146,7 +146,9 @@ def embedding_parts(folder: Path, *, scale: float = 1.0, name: str | None = None
 
 # ------------------------------------------------------------------------------------------ registry
 
-_TEXT_ENCODER = Flag("--train-text-encoder", "train_text_encoder", "also train the text encoder")
+_TEXT_ENCODER = Flag(
+    "--train-text-encoder", "train_text_encoder", "also train the text encoder (default: off)"
+)
 
 #: Method name -> entry, in the order front ends list them (the first is the demo's default). A LoRA
 #: result may hold a learned word too (pivotal), so LoRA is recognised before Textual Inversion.
@@ -180,8 +182,8 @@ register(
         result_files=(LORA_FILE,),
         parts=lora_parts,
         flags=(
-            Flag("--rank", "rank", "LoRA rank r", type=int),
-            Flag("--pivotal", "pivotal", "also learn the token (give a new one, e.g. '<sks>')"),
+            Flag("--rank", "rank", "LoRA rank r (default: the preset's, 8 on tiny; else 4)", type=int),
+            Flag("--pivotal", "pivotal", "also learn the token (give a new one, e.g. '<sks>'; default: off)"),
             _TEXT_ENCODER,
         ),
         variants={"pivotal": {"pivotal": True, "token": "<sks>"}},
@@ -197,7 +199,12 @@ register(
         result_files=("model_index.json",),
         whole_model=True,
         flags=(
-            Flag("--no-prior", "prior_preservation", "train without prior preservation", switch=False),
+            Flag(
+                "--no-prior",
+                "prior_preservation",
+                "train without prior preservation (default: with it, on generated class images)",
+                switch=False,
+            ),
             _TEXT_ENCODER,
         ),
         variants={"dreambooth-noprior": {"prior_preservation": False}},
@@ -213,7 +220,12 @@ register(
         result_files=EMBEDDING_FILES,
         parts=embedding_parts,
         flags=(
-            Flag("--vectors", "n_vectors", "vectors of the new token", type=int),
+            Flag(
+                "--vectors",
+                "n_vectors",
+                "vectors of the new token (default: the preset's, 2 on tiny; else 1)",
+                type=int,
+            ),
             Flag(
                 "--init-word",
                 "init_word",

@@ -5,6 +5,9 @@ CMYK and 16-bit files, the odd 0-byte or half-copied file. `load_photos` turns a
 equally sized RGB arrays (resize so the short side fits, then centre crop), honours EXIF orientation,
 reads optional sidecar captions (`photo.jpg` + `photo.txt`), and skips unusable files with a named
 warning instead of a traceback. It never upscales: a photo smaller than the training size is skipped.
+A photo of more than `MAX_PHOTO_PIXELS` is skipped too, judged from its header before it is decoded: a
+420 KB PNG can hold 12000x12000 pixels and take gigabytes to decode (PIL only warns below its own
+bomb limit of about 179 megapixels).
 
 Example:
     >>> photos = load_photos("my_cat/", size=512)
@@ -26,6 +29,12 @@ from pimg.errors import InputError, TrainingError
 #: File endings read as photos (lower case); anything else in the folder is ignored, `.txt` are captions.
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"
+
+#: Largest photo read, in pixels (width x height), checked before decoding. Training sizes are 64-1024 px,
+#: so a photo needs no more than a few megapixels; 40 MP still takes every phone's normal output (12-24 MP)
+#: and most cameras' (24-36 MP), and decodes in about 120 MB (RGB) rather than a 12000x12000 PNG's 430 MB
+#: plus conversions. The demo's upload limit is the same (`pimg.frontends.uploads.UploadLimits`).
+MAX_PHOTO_PIXELS = 40_000_000
 
 # PIL modes holding more than 8 bits per sample; they are scaled to 8 bits, not clipped.
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -67,39 +76,64 @@ class PhotoSet:
         return "\n".join(lines)
 
 
-def read_photo(path: str | Path) -> Image.Image:
+def read_photo(path: str | Path, *, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
     """Open one photo as an 8-bit RGB PIL image, upright (EXIF orientation applied).
 
     RGBA, LA and palette images with transparency are flattened onto white; greyscale, CMYK and
     16-bit images are converted (16-bit values are scaled to 8 bits, not clipped).
 
+    Args:
+        path: the photo.
+        max_pixels: refuse images of more pixels than this (read from the header, before decoding).
+
     Raises:
-        InputError: the file is empty, truncated or not an image; the message names it.
+        InputError: the file is empty, truncated, not an image, or over `max_pixels`; the message names it.
 
     Example:
         >>> read_photo("cat.jpg").size
         (3024, 4032)
     """
     path = Path(path)
-    image, problem = _open_photo(path)
+    image, problem = _open_photo(path, max_pixels)
     if problem is not None:
         raise InputError(f"photo {path.name}: {problem}")
     return image
 
 
-def _open_photo(path: Path) -> tuple[Image.Image | None, str | None]:
+def _open_photo(path: Path, max_pixels: int) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, why the file cannot be used)."""
     if path.stat().st_size == 0:
         return None, "the file is empty (0 bytes); copy the photo again"
     try:
-        with Image.open(path) as opened:
+        with _open_quietly(path) as opened:  # reads the header only
+            width, height = opened.size
+            if width * height > max_pixels:
+                return None, _too_many_pixels(
+                    f"{width}x{height} px ({width * height / 1e6:.1f} megapixels)", max_pixels
+                )
             opened.load()  # decode now: a truncated file fails here, not later in training
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:
         return None, "not an image PIL can read (is it another kind of file, renamed?)"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # over PIL's own limit: refused by Image.open itself
+        return None, _too_many_pixels(f"the image is far too large for PIL ({exc}), so it", max_pixels)
+    except (OSError, SyntaxError, ValueError) as exc:
         return None, f"cannot be decoded ({exc}); the file is truncated or damaged"
     return _to_rgb(image), None
+
+
+def _open_quietly(path: Path) -> Image.Image:
+    """`Image.open` without PIL's warning of images over ~89 megapixels: the pixel limit says more."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _too_many_pixels(size: str, max_pixels: int) -> str:
+    return (
+        f"{size} is over the limit of {max_pixels / 1e6:g} megapixels per photo; training needs only a "
+        "few, so resize it (e.g. to 4096 px on the long side)"
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -135,17 +169,20 @@ def resize_and_crop(image: Image.Image, size: int) -> tuple[Image.Image, tuple[i
     return image.crop((left, top, left + size, top + size)), (top, left)
 
 
-def load_photos(folder: str | Path, size: int, *, min_photos: int = 1) -> PhotoSet:
+def load_photos(
+    folder: str | Path, size: int, *, min_photos: int = 1, max_pixels: int = MAX_PHOTO_PIXELS
+) -> PhotoSet:
     """Read every photo in `folder` for training at `size` x `size` pixels.
 
     Files ending in one of `PHOTO_SUFFIXES` are read (in name order); a `.txt` file with the same
-    stem is the photo's caption. Unreadable files and photos smaller than `size` are skipped, each
-    with a `PhotoWarning` naming the file and the reason.
+    stem is the photo's caption. Unreadable files, photos smaller than `size` and photos of more than
+    `max_pixels` are skipped, each with a `PhotoWarning` naming the file and the reason.
 
     Args:
         folder: the folder of photos.
         size: training resolution in pixels (square).
         min_photos: refuse when fewer usable photos remain.
+        max_pixels: largest photo in pixels (width x height), checked from the header before decoding.
 
     Returns:
         A `PhotoSet`.
@@ -163,12 +200,16 @@ def load_photos(folder: str | Path, size: int, *, min_photos: int = 1) -> PhotoS
         raise InputError(f"--photos {str(folder)!r} is not a folder; pass the folder that holds the photos.")
     if size < 8:
         raise InputError(f"the training size must be at least 8 pixels, got {size}.")
+    if max_pixels < size * size:
+        raise InputError(
+            f"max_pixels {max_pixels} is below one training-size photo ({size}x{size} = {size * size} pixels)."
+        )
     images, captions, paths, originals, offsets = [], [], [], [], []
     skipped: list[tuple[str, str]] = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in PHOTO_SUFFIXES:
             continue
-        image, problem = _open_photo(path)
+        image, problem = _open_photo(path, max_pixels)
         if problem is not None:
             skipped.append((path.name, problem))
             continue

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,126 @@ def test_error_decorator():
         fails(KeyError("x"))
 
 
+def test_user_errors_reach_the_log_as_one_line(capsys):
+    import gradio as gr
+
+    @app.handle_errors
+    def on_train():
+        raise InputError("class noun '': say in a word or two what the subject is,\n  e.g. 'star'.")
+
+    with pytest.raises(gr.Error) as err:
+        on_train()
+    assert err.value.print_exception is False  # Gradio prints no traceback for it
+    assert "e.g. 'star'" in err.value.message
+    assert capsys.readouterr().err == (
+        "pimg: on_train: class noun '': say in a word or two what the subject is, e.g. 'star'.\n"
+    )
+
+
+def test_guidance_field_empty_means_none():
+    from pimg.frontends.demo import _guidance
+
+    assert _guidance("") is None and _guidance("  ") is None and _guidance(None) is None
+    assert _guidance(" 2.5 ") == 2.5 and _guidance(0) == 0.0
+    for bad in ("nan", "inf", "-1", "31", "three"):
+        with pytest.raises(InputError, match="guidance must be"):
+            _guidance(bad)
+
+
+def test_photos_smaller_than_the_training_size_are_refused_by_name(tmp_path, random_tiny_dir):
+    photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=2)  # 64 px: the training size
+    Image.new("RGB", (48, 80), "white").save(tmp_path / "up" / "small.png")
+    backend = DemoBackend(str(random_tiny_dir), tmp_path / "out", "cpu", FAST)
+    session = backend.new_session()
+    with pytest.raises(
+        InputError,
+        match=r"1 of 3 uploaded file\(s\) cannot be used: small\.png: the image is 48x80 px, smaller than the "
+        r"training size 64 px",
+    ):
+        list(
+            backend.personalize(
+                session, [*photos, str(tmp_path / "up" / "small.png")], "LoRA", "sks", "star", 1
+            )
+        )
+    assert backend.subjects(session) == [] and not (backend.space(session).folder / "subjects").exists()
+
+
+def _keep_photos(backend: DemoBackend, session: str, size: int) -> None:
+    """As if `session` had trained a subject on a photo of `size` bytes."""
+    folder = backend.space(session).store.create("kept") / "photos"
+    folder.mkdir()
+    (folder / "photo_00.png").write_bytes(b"x" * size)
+
+
+def test_upload_quotas_per_session_and_in_total(tmp_path, good_png):
+    size = good_png.stat().st_size
+    limits = UploadLimits(max_session_bytes=3 * size, max_total_bytes=4 * size)
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu", upload_limits=limits)
+    first, second = backend.new_session(), backend.new_session()
+    _keep_photos(backend, first, 2 * size)
+    with pytest.raises(
+        InputError,
+        match=r"this upload \(.* MB\) would bring the photos this session keeps to .*"
+        r"over the .* MB limit per session",
+    ):
+        list(backend.personalize(first, [good_png] * 2, "LoRA", "sks", "star", 1))
+    _keep_photos(backend, second, size)  # within its own quota, but not within the total
+    with pytest.raises(
+        InputError, match=r"the demo holds .* MB of photos from all sessions.*try again later"
+    ):
+        list(backend.personalize(second, [good_png] * 2, "LoRA", "sks", "star", 1))
+    assert backend.kept_photo_bytes() == 3 * size
+    assert [p.name for p in (backend.space(first).folder / "subjects").iterdir()] == [
+        "kept"
+    ]  # nothing copied
+    with pytest.raises(InputError, match="max_session_bytes <= max_total_bytes"):
+        UploadLimits(max_session_bytes=10, max_total_bytes=5)
+
+
+def test_sessions_are_removed_when_they_end_or_sit_unused(tmp_path, good_png):
+    import os
+
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu", max_idle_seconds=3600)
+    page_session = backend.new_session(page="page-hash")
+    _keep_photos(backend, page_session, 10)
+    folder = backend.space(page_session).folder
+    backend.end_page("page-hash")  # the page was closed (Gradio's unload)
+    assert not folder.exists()
+    with pytest.raises(InputError, match="this session has ended .* reload the page"):
+        backend.subjects(page_session)
+    backend.end_session(page_session)  # again, e.g. from gr.State's delete callback: nothing happens
+    backend.end_session(None)
+
+    # A job still running keeps its folder until it ends.
+    busy = backend.new_session()
+    _keep_photos(backend, busy, 10)
+    with backend._using(busy) as space:
+        backend.end_session(busy)
+        assert space.folder.exists()
+    assert not space.folder.exists()
+
+    # Unused too long: this backend's own sessions, and the folders an earlier run left behind.
+    idle, fresh = backend.new_session(), backend.new_session()
+    for session in (idle, fresh):
+        _keep_photos(backend, session, 10)
+    backend._last_used[idle] -= 7200
+    left_over = tmp_path / "out" / "sessions" / ("a" * 32)
+    (left_over / "images" / "0000").mkdir(parents=True)
+    old = time.time() - 7200
+    for path in [left_over, *left_over.rglob("*")]:
+        os.utime(path, (old, old))
+    recent = tmp_path / "out" / "sessions" / ("b" * 32)
+    recent.mkdir()
+    not_a_session = tmp_path / "out" / "sessions" / "notes"
+    not_a_session.mkdir()
+    os.utime(not_a_session, (old, old))
+    backend.new_session()  # each page load sweeps
+    remaining = {p.name for p in (tmp_path / "out" / "sessions").iterdir()}
+    assert remaining == {fresh, recent.name, "notes"}
+    backend.end_all_sessions()  # the server stops
+    assert {p.name for p in (tmp_path / "out" / "sessions").iterdir()} == {recent.name, "notes"}
+
+
 # ------------------------------------------------------------------------------------------ store
 
 
@@ -384,11 +505,14 @@ def _chromium() -> str:
     return path
 
 
-def test_browser_end_to_end(tmp_path, random_tiny_dir):
-    """Upload toy photos, train a LoRA, generate with it, see the gallery, evaluate: in headless Chromium."""
+def test_browser_end_to_end(tmp_path, random_tiny_dir, capfd):
+    """In headless Chromium: a user error, then upload toy photos, train a LoRA, generate with the guidance
+    field left empty, see the gallery, evaluate, close the page (its files go)."""
     chromium = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
+    from pimg.inference.guidance import choose_guidance
+    from pimg.inference.pipeline import read_png_settings
     from pimg.models import BUILTIN_MODELS
 
     # The trained tiny model makes a screenshot worth looking at; the random one tests the same path.
@@ -398,6 +522,7 @@ def test_browser_end_to_end(tmp_path, random_tiny_dir):
     photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=4)
     shots = tmp_path / "screens"
     shots.mkdir()
+    sessions = tmp_path / "out" / "sessions"
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -406,6 +531,10 @@ def test_browser_end_to_end(tmp_path, random_tiny_dir):
             page.locator("#photos input[type=file]").set_input_files(photos)
             expect(page.locator("#photos")).to_contain_text("ringed_star_rgb_3", timeout=30_000)
             expect(page.locator("#photos")).not_to_contain_text("Uploading", timeout=30_000)
+            page.locator("#train").click()  # no class noun yet: a message on the page, one line in the log
+            expect(page.get_by_text("say in a word or two what the subject is").first).to_be_visible(
+                timeout=30_000
+            )
             page.locator("#class-noun textarea").fill("star")
             page.locator("#steps input").fill("4")
             page.locator("#train").click()
@@ -414,11 +543,12 @@ def test_browser_end_to_end(tmp_path, random_tiny_dir):
             page.screenshot(path=shots / "personalize.png", full_page=True)
 
             page.get_by_role("tab", name="Generate").click()
+            expect(page.locator("#guidance textarea, #guidance input").first).to_have_value("")
             page.locator("#subject-0 input").click()
             page.get_by_role("option", name="star_lora_1").click()
             page.locator("#prompt textarea").fill("a sks star on a green background")
             page.locator("#gen-steps input").fill("10")
-            page.locator("#generate").click()
+            page.locator("#generate").click()  # the guidance field left empty
             expect(page.locator("#gallery img")).to_have_count(4, timeout=120_000)
             page.screenshot(path=shots / "generate.png", full_page=True)
 
@@ -431,13 +561,29 @@ def test_browser_end_to_end(tmp_path, random_tiny_dir):
             )
             page.wait_for_timeout(500)  # let the plot draw
             page.screenshot(path=shots / "evaluate.png", full_page=True)
+
+            # The same run, as the library saw it: one subject, four images, in this session's folder only.
+            (session,) = sessions.iterdir()
+            assert [p.name for p in (session / "subjects").iterdir()] == ["star_lora_1"]
+            images = sorted((session / "images").glob("*/*.png"))
+            assert len(images) == 4
+            # No guidance given: the subject's recorded one (else the base's), never the field's old 0.
+            expected, source = choose_guidance(base, [session / "subjects" / "star_lora_1" / "train"])
+            assert source.startswith("recorded by") and expected > 0
+            assert {read_png_settings(path)["guidance_scale"] for path in images} == {expected}
+
+            page.close()  # the page goes: its session's folder follows (Gradio's unload)
+            for _ in range(60):
+                if not session.exists():
+                    break
+                time.sleep(0.5)
+            assert not session.exists()
             browser.close()
     finally:
         demo.close()
-    # The same run, as the library saw it: one subject, four images, in this session's folder only.
-    (session,) = (tmp_path / "out" / "sessions").iterdir()
-    assert [p.name for p in (session / "subjects").iterdir()] == ["star_lora_1"]
-    assert len(list((session / "images").glob("*/*.png"))) == 4
+    log = capfd.readouterr().err
+    assert "pimg: on_train: class noun '': say in a word or two what the subject is" in log
+    assert "Traceback" not in log
     copies = REPO / "out"
     copies.mkdir(exist_ok=True)
     for name in ("personalize", "generate", "evaluate"):

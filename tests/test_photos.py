@@ -127,3 +127,47 @@ def test_save_photos_round_trip(tmp_path):
     save_photos(tmp_path / "p", images, [f"caption {i}" for i in range(3)])
     photos = load_photos(tmp_path / "p", 64)
     assert np.array_equal(photos.images, np.stack(images)) and photos.captions[2] == "caption 2"
+
+
+def _huge_png_header(path: Path, width: int = 12000, height: int = 12000) -> Path:
+    """A PNG whose header says width x height, cut short after the first bytes of its data.
+
+    Decoding it would fail as truncated (or take gigabytes, were it whole); the pixel limit must refuse
+    it from the header alone, before decoding.
+    """
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")  # 1 bit per pixel: 18 MB in memory, ~20 KB as PNG
+    path.write_bytes(buffer.getvalue()[:200])
+    return path
+
+
+def test_pixel_limit_is_checked_from_the_header(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _huge_png_header(folder / "bomb.png")
+    _split_image(80, 80).save(folder / "fine.png")
+    with pytest.warns(
+        PhotoWarning,
+        match=r"bomb\.png: 12000x12000 px \(144\.0 megapixels\) is over the limit of 40 megapixels",
+    ):
+        photos = load_photos(folder, SIZE)
+    assert [p.name for p in photos.paths] == ["fine.png"]
+    with pytest.raises(
+        InputError, match=r"photo bomb\.png: 12000x12000 px .* limit of 40 megapixels per photo; .*resize"
+    ):
+        read_photo(folder / "bomb.png")
+
+
+def test_pixel_limit_is_a_setting(tmp_path):
+    _split_image(80, 80).save(tmp_path / "a.png")
+    with pytest.raises(
+        InputError, match=r"a\.png: 80x80 px \(0\.0 megapixels\) is over the limit of 0\.005 megapixels"
+    ):
+        read_photo(tmp_path / "a.png", max_pixels=5000)
+    assert read_photo(tmp_path / "a.png", max_pixels=6400).size == (80, 80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhotoWarning)
+        with pytest.raises(TrainingError, match=r"(?s)0 usable photo.*a\.png: 80x80 px .* over the limit"):
+            load_photos(tmp_path, SIZE, max_pixels=5000)
+    with pytest.raises(InputError, match="below one training-size photo"):
+        load_photos(tmp_path, SIZE, max_pixels=SIZE * SIZE - 1)

@@ -151,26 +151,33 @@ class DreamBoothMethod(SubjectTraining):
         if self.class_latents is None:
             return PriorBatch(instance, None)
         # A stream of its own (seed + 1), so the class images are not drawn in step with the photos.
-        idx = epoch_indices(
-            len(self.class_latents), self.config.batch_size, self.accumulation, step, micro, seed + 1
-        )
+        b = self.config.batch_size
+        idx = epoch_indices(len(self.class_latents), b, self.accumulation, step, micro, seed + 1, self.shard)
         time_ids = None
         if self.sdxl:
             from pimg.trainers.diffusion_training import sdxl_time_ids
 
             size = (self.resolution, self.resolution)
             time_ids = torch.stack([sdxl_time_ids(size, (0, 0), size)] * len(idx))
-        prior = SubjectBatch(self.class_latents[idx], [self.class_prompts[i] for i in idx], time_ids)
+        prompts = [self.class_prompts[i] for i in idx]
+        rows = list(self.shard.rows(b))
+        prior = SubjectBatch(self.class_latents[idx], prompts, time_ids, rows, b * self.shard.num_processes)
         return PriorBatch(instance, prior)
 
     def loss(self, batch: PriorBatch, generator: torch.Generator):
         inst, prior = batch.instance, batch.prior
         if prior is None:
-            return self.example_losses(inst.latents, inst.prompts, inst.time_ids, generator).mean(), {}
-        # One UNet call for both halves; the loss splits them again.
+            return super().loss(inst, generator)
+        # One UNet call for both halves; the loss splits them again. The global batch is every process's
+        # photos, then every process's class images, as one process would hold them.
         time_ids = None if inst.time_ids is None else torch.cat([inst.time_ids, prior.time_ids])
         losses = self.example_losses(
-            torch.cat([inst.latents, prior.latents]), inst.prompts + prior.prompts, time_ids, generator
+            torch.cat([inst.latents, prior.latents]),
+            inst.prompts + prior.prompts,
+            time_ids,
+            generator,
+            inst.rows + [inst.num_rows + r for r in prior.rows],
+            inst.num_rows + prior.num_rows,
         )
         n = len(inst.prompts)
         instance_loss, prior_loss = losses[:n].mean(), losses[n:].mean()

@@ -2,13 +2,20 @@
 
 A method is a small object (see `TrainingMethod`): it names its trainable modules, yields batches,
 computes a loss, draws samples and saves its output. The loop owns everything else: accelerate
-(mixed precision, gradient accumulation, multi-GPU through `accelerate launch`), the optimizer and
-LR schedule, optional EMA, atomic checkpoints, exact resume, sample images, TensorBoard logs and the
-progress bar.
+(mixed precision, gradient accumulation, several processes through `accelerate launch` or
+`torchrun`), the optimizer and LR schedule, optional EMA, atomic checkpoints, exact resume, sample
+images, TensorBoard logs and the progress bar.
 
 Exact resume rests on one rule: everything random in step k (the batch, the noise, the timesteps)
 is drawn from generators seeded by (seed, k), never from a stream carried across steps. A run
 restarted from the checkpoint of step k therefore sees the same step k+1 as an uninterrupted run.
+
+Data parallelism keeps that rule and adds one: the global batch of a step is defined once, as one
+process would draw it, and process i of N takes its rows i*b .. (i+1)*b - 1 (see `Shard`). Every
+process gets the same generator and draws the noise of the whole global batch, keeping its own rows.
+The loop averages the gradients over the processes, so N processes with batch b train, up to float
+rounding, as one process with batch N*b; only the main process writes (config, checkpoints, samples,
+logs, the result) and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -98,16 +105,75 @@ class TrainingMethod(Protocol):
         """
 
     def batch(self, step: int, micro: int, seed: int) -> Any:
-        """The batch of micro-batch `micro` of optimizer step `step`, a pure function of its arguments."""
+        """The batch of micro-batch `micro` of optimizer step `step`, a pure function of its arguments.
+
+        Under several processes: this process's rows of the global batch (`Shard.of_process()`).
+        """
 
     def loss(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss to minimise and scalars to log. Draw all noise from `generator`."""
+        """Loss to minimise (a mean over the batch) and scalars to log. Draw all noise from `generator`.
+
+        Every process gets the same generator: draw for the whole global batch and keep this process's
+        rows (as `denoising_loss(rows=...)` does), so the draws do not depend on the number of processes.
+        """
 
     def sample(self, step: int, out_dir: Path) -> Path | None:
         """Save sample images for `step` under `out_dir`; return the file written, if any."""
 
     def save(self, out_dir: Path) -> None:
         """Write the finished result in its ecosystem format."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every global batch: process `process_index` of `num_processes`.
+
+    With per-process batch b, the global batch of a micro-step is the `num_processes * b` rows one
+    process with that batch would draw; this process takes rows `rows(b)` of it.
+
+    Example:
+        >>> Shard(1, 2).rows(3)
+        range(3, 6)
+    """
+
+    process_index: int = 0
+    num_processes: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.process_index < self.num_processes:
+            raise InputError(f"process_index must be in [0, {self.num_processes}), got {self.process_index}.")
+
+    @classmethod
+    def of_process(cls) -> Shard:
+        """The shard of the running process (one shard of one outside a launcher)."""
+        state = process_state()
+        return cls(state.process_index, state.num_processes)
+
+    def rows(self, batch_size: int) -> range:
+        """This process's rows of a global batch of `num_processes * batch_size` rows."""
+        return range(self.process_index * batch_size, (self.process_index + 1) * batch_size)
+
+
+def process_state():
+    """accelerate's `PartialState`, set up for the launcher that started this process.
+
+    `PartialState()` alone reads no `ACCELERATE_USE_CPU` (only `Accelerator` does), and on a machine
+    without GPUs it takes the processes of `torchrun --nproc_per_node N` or `accelerate launch
+    --multi_gpu` for N unrelated single-process runs, each training alone and writing the same result.
+    Here the flag is read, and processes started by a launcher with no GPU for them run on the CPU
+    (gloo), as the launch asked for N processes.
+    """
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if launched > 1 and state.num_processes == 1:
+        # Made earlier without the flag (or found no GPU): one process where the launcher started several.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        state = PartialState(cpu=True)
+    return state
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
@@ -132,6 +198,47 @@ def _lr_lambda(config: LoopConfig):
         return 1.0
 
     return factor
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator, bucket: int = 2**25) -> None:
+    """Replace every gradient by its mean over the processes, as DDP would.
+
+    Not DDP's wrapper: it averages only the gradients of calls through its own `forward`, and methods
+    call their modules directly (and their other methods, such as a VAE's `encode`), so its hooks never
+    fire. Gradients travel in flat buckets of at most `bucket` elements, one all-reduce each.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        kind = (grads[0].device, grads[0].dtype)
+        group, size, rest = [], 0, []
+        for g in grads:
+            if (g.device, g.dtype) == kind and (not group or size + g.numel() <= bucket):
+                group.append(g)
+                size += g.numel()
+            else:
+                rest.append(g)
+        flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in group]), reduction="mean")
+        for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
+            g.copy_(part.view_as(g))
+        grads = rest
+
+
+def _mean_over_processes(logs: dict[str, float], accelerator) -> dict[str, float]:
+    """The logged scalars of the global batch: each process's, averaged (equal shares, so the mean)."""
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    values = torch.tensor(list(logs.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(logs, accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+
+
+def _broadcast_from_main(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Start every process from the main process's weights, as DDP does when it wraps a model."""
+    from accelerate.utils import broadcast
+
+    if accelerator.num_processes > 1:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(broadcast(p.detach().clone(), from_process=0))
 
 
 def _param_groups(given: list) -> tuple[list[dict], list[torch.nn.Parameter]]:
@@ -272,10 +379,12 @@ def run_training(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if resolved_config is not None:
-        (out / "config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
     accelerator = _accelerator(config)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resolved_config is not None:
+            (out / "config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
     modules = method.trainable_modules()
     if config.gradient_checkpointing:
         for module in modules.values():
@@ -287,12 +396,14 @@ def run_training(
     if not params:
         raise TrainingError("the method has no trainable parameters; check its configuration.")
     optimizer = _make_optimizer(groups, config)
+    # Stepped by the loop once per optimizer step: accelerate's wrapper would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    # The modules stay owned by the method, which calls them itself; accelerate places them and applies
+    # mixed precision, without a DDP wrapper (its hooks would never fire: see `_average_gradients`).
+    wrapped = [accelerator.prepare_model(m, evaluation_mode=True) for m in modules.values()]
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    _broadcast_from_main(params, accelerator)
     ema = EMA(params, config.ema_decay) if config.ema_decay else None
-    # The modules stay owned by the method; accelerate wraps them for device placement and DDP.
-    names = list(modules)
-    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
-    wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2], strict=True)), prepared[-2], prepared[-1]
 
     start = 0
     if resume:
@@ -301,8 +412,10 @@ def run_training(
             raise TrainingError(f"--resume was given but {out} holds no checkpoint; start without --resume.")
         start = _load_checkpoint(checkpoint, modules, optimizer, scheduler, ema)
         accelerator.print(f"resumed from {checkpoint} at step {start}")
+    # Every process has set up (and read any checkpoint) before the main one writes anything.
+    accelerator.wait_for_everyone()
 
-    writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
+    writer = SummaryWriter(str(out / "logs")) if main else None
     # One bar per machine under `accelerate launch`, not one per process.
     hidden = not progress or not accelerator.is_local_main_process
     bar = tqdm(total=config.steps, initial=start, disable=hidden, desc="train", dynamic_ncols=True)
@@ -312,43 +425,49 @@ def run_training(
         for micro in range(config.gradient_accumulation):
             # Methods may build batches on the CPU; the modules sit where accelerate put them.
             batch = send_to_device(method.batch(step, micro, config.seed), accelerator.device)
-            with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
+            with accelerator.accumulate(*wrapped), accelerator.autocast():
                 loss, logs = method.loss(batch, step_generator(config.seed, step, micro))
-                if not torch.isfinite(loss):
+                if not _finite_everywhere(loss, accelerator):
                     raise _non_finite_loss(
-                        loss, step, out, modules, params, optimizer, scheduler, ema, config
+                        loss, step, out, modules, params, optimizer, scheduler, ema, config, accelerator
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    if accelerator.num_processes > 1:
+                        _average_gradients(params, accelerator)
+                    if config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16 overflow
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
         done = step + 1
-        logs = {"loss": float(loss.detach()), **logs, "lr": scheduler.get_last_lr()[0]}
+        logs = _mean_over_processes({"loss": float(loss.detach()), **logs}, accelerator)
+        logs["lr"] = scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         bar.update(1)
         if writer is not None and (done % config.log_every == 0 or done == config.steps):
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}", value, done)
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            if accelerator.is_main_process:
-                _save_checkpoint(out, done, modules, optimizer, scheduler, ema, config.keep_checkpoints)
-        if config.sample_every and done % config.sample_every == 0 and done < config.steps:
+        if main and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(out, done, modules, optimizer, scheduler, ema, config.keep_checkpoints)
+        if main and config.sample_every and done % config.sample_every == 0 and done < config.steps:
             _sample(method, done, out, ema, writer)
     bar.close()
-    if accelerator.is_main_process:
+    if main:
         # Live weights and the EMA shadow, before the swap: a later run with more steps resumes from here.
         _save_checkpoint(out, config.steps, modules, optimizer, scheduler, ema, config.keep_checkpoints)
     if ema is not None:
         ema.swap()  # the finished model is the averaged one
-    if accelerator.is_main_process:
+    if main:
         _sample(method, config.steps, out, None, writer)
         method.save(out)
     if writer is not None:
         writer.close()
+    # No process returns before the result is written.
+    accelerator.wait_for_everyone()
     logs["wall_time_s"] = time.time() - began
     return logs
 
@@ -359,29 +478,43 @@ def _accelerator(config: LoopConfig):
     toy-world stages, `pimg eval toysubject`) resets it between runs. Under `accelerate launch`
     (several processes) the launcher's settings stand and are never reset."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
     if (
         state
-        and PartialState().num_processes == 1
+        and process_state().num_processes == 1
         and state.get("_mixed_precision") != config.mixed_precision
     ):
         AcceleratorState._reset_state(reset_partial_state=True)
+    process_state()  # before `Accelerator`, so it finds the launcher's processes (see `process_state`)
     return Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
     )
 
 
-def _non_finite_loss(loss, step, out, modules, params, optimizer, scheduler, ema, config) -> TrainingError:
+def _finite_everywhere(loss: torch.Tensor, accelerator) -> bool:
+    """Is the loss finite in every process? All of them must stop together, or the others would hang."""
+    finite = bool(torch.isfinite(loss.detach()))
+    if accelerator.num_processes == 1:
+        return finite
+    flag = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")) == 0.0
+
+
+def _non_finite_loss(
+    loss, step, out, modules, params, optimizer, scheduler, ema, config, accelerator
+) -> TrainingError:
     """Keep what can be resumed and say how to go on.
 
     Finite weights (the loss overflowed, e.g. in fp16) are checkpointed at this step; weights that are
     already inf/NaN are not, since resuming them would fail again: the newest earlier checkpoint stays.
+    The weights are the same in every process; the main one writes.
     """
     weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
-    if weights_ok:
+    if weights_ok and accelerator.is_main_process:
         _save_checkpoint(out, step, modules, optimizer, scheduler, ema, config.keep_checkpoints + 1)
+    accelerator.wait_for_everyone()
     kept = latest_checkpoint(out)
     if kept is None:
         where = "No checkpoint could be kept: the weights were not finite before the first checkpoint"
@@ -389,8 +522,10 @@ def _non_finite_loss(loss, step, out, modules, params, optimizer, scheduler, ema
         where = f"The newest resumable checkpoint is {kept}"
         if not weights_ok:
             where += " (this step's weights were already not finite, so they were not saved)"
+    value = loss.item()
+    what = f"loss became {value}" if not math.isfinite(value) else "loss became not finite in another process"
     return TrainingError(
-        f"loss became {loss.item()} at step {step}. {where}. Lower the learning rate (now "
+        f"{what} at step {step}. {where}. Lower the learning rate (now "
         f"{config.learning_rate}) or use mixed_precision='no', then resume (or start again)."
     )
 

@@ -8,7 +8,8 @@ marks what it trains, and adds its loss terms and its save format; everything be
 - instance prompts (`a {token} {class_noun}`, or the photo's sidecar caption), and their text
   embeddings cached when no text-encoder weight is trained;
 - `batch(step, micro, seed)`: a pure function of its arguments (an epoch-wise permutation of the
-  photos seeded by the epoch), which the loop's exact resume relies on;
+  photos seeded by the epoch), which the loop's exact resume relies on; under several processes,
+  this process's rows of the global batch, whose noise `loss` draws as one process would;
 - sample grids and the model card written beside every output.
 """
 
@@ -33,6 +34,7 @@ from pimg.trainers.diffusion_training import (
     sdxl_time_ids,
     training_noise_scheduler,
 )
+from pimg.trainers.loop import Shard, process_state
 
 
 @dataclass
@@ -110,24 +112,43 @@ class SubjectConfig:
 
 @dataclass
 class SubjectBatch:
-    """One micro-batch: cached latents, their prompts (filled, not yet expanded) and SDXL time ids."""
+    """One micro-batch: cached latents, their prompts (filled, not yet expanded) and SDXL time ids.
+
+    `rows` are its rows of the step's global batch of `num_rows` (see `denoising_loss`); None: all of it.
+    """
 
     latents: torch.Tensor
     prompts: list[str]
     time_ids: torch.Tensor | None
+    rows: list[int] | None = None
+    num_rows: int | None = None
 
 
 def epoch_indices(
-    n_items: int, batch_size: int, accumulation: int, step: int, micro: int, seed: int
+    n_items: int,
+    batch_size: int,
+    accumulation: int,
+    step: int,
+    micro: int,
+    seed: int,
+    shard: Shard | None = None,
 ) -> list[int]:
     """Indices of one micro-batch: every item once per epoch, in an order seeded by (seed, epoch).
 
     A pure function of its arguments, so a resumed run sees exactly the batches of an uninterrupted one.
+    The global micro-batch is the next `shard.num_processes * batch_size` items of that order; `shard`
+    takes its rows of it, so N processes with `batch_size` b see, together, what one process with N*b
+    sees. None: one process.
+
+    Example:
+        >>> epoch_indices(4, 1, 1, 0, 0, 0, Shard(1, 2)) == epoch_indices(4, 2, 1, 0, 0, 0)[1:]
+        True
     """
-    first = (step * accumulation + micro) * batch_size
+    shard = shard or Shard()
+    first = (step * accumulation + micro) * batch_size * shard.num_processes
     out = []
-    for g in range(first, first + batch_size):
-        epoch, position = divmod(g, n_items)
+    for row in shard.rows(batch_size):
+        epoch, position = divmod(first + row, n_items)
         out.append(int(np.random.default_rng([seed, epoch]).permutation(n_items)[position]))
     return out
 
@@ -146,8 +167,6 @@ class SubjectTraining:
     def __init__(
         self, config: SubjectConfig, *, seed: int, accumulation: int = 1, mixed_precision: str = "no"
     ):
-        from accelerate import PartialState
-
         from pimg.models import load_base
         from pimg.photos import load_photos
 
@@ -156,7 +175,9 @@ class SubjectTraining:
         self.seed = seed
         self.accumulation = accumulation
         self.mixed_precision = mixed_precision
-        self.device = PartialState().device
+        self.device = process_state().device
+        #: This process's rows of every global batch (one shard of one outside a launcher).
+        self.shard = Shard.of_process()
         self.pipe = load_base(config.base)
         self.pipe.set_progress_bar_config(disable=True)
         for module in self.components().values():
@@ -223,9 +244,12 @@ class SubjectTraining:
     # ------------------------------------------------------------------------------------------ training
 
     def batch(self, step: int, micro: int, seed: int) -> SubjectBatch:
-        idx = epoch_indices(len(self.latents), self.config.batch_size, self.accumulation, step, micro, seed)
+        b = self.config.batch_size
+        idx = epoch_indices(len(self.latents), b, self.accumulation, step, micro, seed, self.shard)
         time_ids = self.instance_time_ids[idx] if self.instance_time_ids is not None else None
-        return SubjectBatch(self.latents[idx], [self.instance_prompts[i] for i in idx], time_ids)
+        prompts = [self.instance_prompts[i] for i in idx]
+        rows = list(self.shard.rows(b))
+        return SubjectBatch(self.latents[idx], prompts, time_ids, rows, b * self.shard.num_processes)
 
     def conditioning(self, prompts: list[str], time_ids: torch.Tensor | None) -> Conditioning:
         """Text conditioning of a batch: from the cache when the text encoders are frozen."""
@@ -244,8 +268,10 @@ class SubjectTraining:
             cond = Conditioning.cat([self._text_cache[p] for p in prompts])
         return cond.with_time_ids(time_ids) if time_ids is not None else cond
 
-    def example_losses(self, latents: torch.Tensor, prompts: list[str], time_ids, generator) -> torch.Tensor:
-        """Per-example denoising loss of latents under their prompts."""
+    def example_losses(
+        self, latents: torch.Tensor, prompts: list[str], time_ids, generator, rows=None, num_rows=None
+    ) -> torch.Tensor:
+        """Per-example denoising loss of latents under their prompts (`rows`: see `denoising_loss`)."""
         cond = self.conditioning(prompts, time_ids).to(self.device)
         return denoising_loss(
             self.pipe.unet,
@@ -255,10 +281,17 @@ class SubjectTraining:
             generator,
             noise_offset=self.config.noise_offset,
             min_snr_gamma=self.config.min_snr_gamma,
+            rows=rows,
+            num_rows=num_rows,
         )
 
     def loss(self, batch: SubjectBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.example_losses(batch.latents, batch.prompts, batch.time_ids, generator).mean(), {}
+        # The mean over this process's rows: the loop averages gradients over processes of equal shares,
+        # which makes it the mean over the global batch.
+        losses = self.example_losses(
+            batch.latents, batch.prompts, batch.time_ids, generator, batch.rows, batch.num_rows
+        )
+        return losses.mean(), {}
 
     # ------------------------------------------------------------------------------------------ output
 

@@ -626,20 +626,20 @@ class UnetStage:
 
     @torch.no_grad()
     def sample(self, step, out_dir):
-        pipe = self.pipeline()
-        pipe.set_progress_bar_config(disable=True)
+        from pimg.inference.pipeline import PersonalizedPipeline
+
+        pipe = PersonalizedPipeline(self.pipeline(), "toy base in training")
+        pipe.pipe.set_progress_bar_config(disable=True)
         images = []
         for i, prompt in enumerate(SAMPLE_PROMPTS):
-            gen = [torch.Generator().manual_seed(i * 10 + k) for k in range(4)]
-            out = pipe(
+            generated = pipe.generate(
                 prompt,
+                num_images=4,
+                seed=i * 10,
                 num_inference_steps=self.config.sample_steps,
                 guidance_scale=5.0,
-                generator=gen,
-                num_images_per_prompt=4,
-                output_type="np",
-            ).images
-            images.extend((out * 255).round().astype("uint8"))
+            )
+            images.extend(np.asarray(g.image) for g in generated)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"unet_{step:07d}.png"
         grid(images, columns=8).save(path)

@@ -22,6 +22,7 @@ import torch
 
 from pimg.errors import InputError, ModelLoadError
 from pimg.formats.safetensors_io import (
+    check_finite,
     read_safetensors,
     read_safetensors_metadata,
     read_torch_weights,
@@ -57,7 +58,8 @@ def read_embedding_file(path: str | os.PathLike, token: str | None = None) -> di
         `{token: Tensor[n_vectors, dim]}`; a single 1-D vector becomes [1, dim].
 
     Raises:
-        ModelLoadError: the file is missing, damaged, or in none of the accepted forms.
+        ModelLoadError: the file is missing, damaged, in none of the accepted forms, or holds NaN/Inf
+            (the first such tensor named).
 
     Example:
         >>> read_embedding_file("learned_embeds.safetensors", token="<my-cat>")["<my-cat>"].shape
@@ -103,9 +105,12 @@ def _read_contents(path: str | os.PathLike) -> tuple[Path, dict]:
     if path.is_dir():
         path = path / DIFFUSERS_EMBEDDING_FILENAME
     if path.suffix == ".safetensors":
-        return path, read_safetensors(path, what="embedding file")
-    # weights_only: A1111 files hold tensors, strings and numbers only; never run pickled code.
-    return path, read_torch_weights(path, what="embedding file")
+        contents = read_safetensors(path, what="embedding file")
+    else:
+        # weights_only: A1111 files hold tensors, strings and numbers only; never run pickled code.
+        contents = read_torch_weights(path, what="embedding file")
+    check_finite(contents, f"embedding file '{path}'")
+    return path, contents
 
 
 def _as_matrix(vectors: object, path: Path) -> torch.Tensor:

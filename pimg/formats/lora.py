@@ -28,6 +28,7 @@ import torch
 
 from pimg.errors import InputError, ModelLoadError
 from pimg.formats.safetensors_io import (
+    check_finite,
     read_safetensors,
     read_safetensors_metadata,
     read_torch_weights,
@@ -500,7 +501,8 @@ def load_lora_state_dict(
         A dict ready for `pipe.load_lora_weights(state_dict, adapter_name=...)`.
 
     Raises:
-        ModelLoadError: unreadable file, unknown layout, or a LoRA that does not fit the base.
+        ModelLoadError: unreadable file, unknown layout, a LoRA that does not fit the base, or NaN/Inf
+            weights (the first such tensor named).
 
     Example:
         >>> sd = load_lora_state_dict("lora_kohya.safetensors", {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
@@ -522,7 +524,7 @@ def load_lora_state_dict(
             raise ModelLoadError(
                 f"LoRA file '{path}' does not hold a flat name -> tensor dictionary. Export it again as .safetensors."
             )
-    return prepare_lora_state_dict(state_dict, components)
+    return prepare_lora_state_dict(state_dict, components, what=f"LoRA file '{path}'")
 
 
 def prepare_lora_state_dict(
@@ -532,11 +534,16 @@ def prepare_lora_state_dict(
 
     The in-memory half of `load_lora_state_dict` (a hypernetwork's prediction takes this road).
 
+    Raises:
+        ModelLoadError: not a dict of tensors, an unknown layout, a LoRA that does not fit the base, or
+            a tensor holding NaN or Inf (named, as the file names it).
+
     Example:
         >>> sd = prepare_lora_state_dict(predicted, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     """
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ModelLoadError(f"{what} is not a non-empty name -> tensor dictionary.")
+    check_finite(state_dict, what)  # before conversion, so the message names the tensor as the file does
     if detect_lora_format(state_dict) == "kohya":
         state_dict = kohya_to_diffusers(state_dict, components)
     else:

@@ -2,7 +2,8 @@
 
 LoRA and embedding files come from downloads that stop half-way, from other tools, and from runs
 killed mid-save; every reader here turns those cases into one `ModelLoadError` that names the file
-and says what to do, instead of a raw safetensors or pickle exception.
+and says what to do, instead of a raw safetensors or pickle exception. `check_finite` refuses weights
+holding NaN or Inf (a diverged training's), which would otherwise draw black images without an error.
 
 Example:
     >>> tensors = read_safetensors("out/pytorch_lora_weights.safetensors", what="LoRA file")
@@ -12,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -124,6 +126,46 @@ def write_safetensors_atomically(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_finite(tensors: Mapping[str, object], what: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor.
+
+    A diverged training writes NaN or Inf weights without complaint, and a pipeline then draws black
+    or unguided images with no error, so readers refuse them. Nested dictionaries (A1111 embeddings)
+    are searched too, their tensors named `outer.inner`; values that are not floating-point tensors
+    are skipped.
+
+    Args:
+        tensors: name -> tensor, in the order the file lists them.
+        what: how the message names the source, e.g. "LoRA file 'out/x.safetensors'".
+
+    Raises:
+        ModelLoadError: naming the first tensor with a non-finite value, what it holds and how many.
+
+    Example:
+        >>> check_finite(read_safetensors(path), f"LoRA file '{path}'")
+    """
+    for name, tensor in _floating_tensors(tensors):
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        bad = tensor[~finite]
+        kinds = [k for k, found in (("NaN", bad.isnan().any()), ("Inf", bad.isinf().any())) if found]
+        raise ModelLoadError(
+            f"{what} holds {' and '.join(kinds)} in tensor '{name}' ({bad.numel()} of {tensor.numel()} "
+            "values; the first such tensor). Such weights give black or unguided images. The training "
+            "that wrote it diverged, or the file is damaged: use an earlier checkpoint, or train again "
+            "with a lower learning rate."
+        )
+
+
+def _floating_tensors(tensors: Mapping[str, object], prefix: str = ""):
+    for name, value in tensors.items():
+        if isinstance(value, Mapping):
+            yield from _floating_tensors(value, f"{prefix}{name}.")
+        elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            yield f"{prefix}{name}", value.detach()
 
 
 def _checked_file(path: str | os.PathLike, what: str) -> Path:

@@ -8,7 +8,8 @@
 on plain values (tests drive it directly). Nothing loads at import: the base pipeline and the metric
 backbones load on first use (or in `main()`) and are cached. Every session gets its own folder under
 the output folder, so people using the demo at once never see each other's subjects or images, and
-nothing outside the output folder is read or served.
+nothing outside the output folder is read or served. A session's folder is removed when its page
+closes, or after hours unused; Gradio's own copies of uploads and results after `CACHE_MAX_AGE_S`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from pimg.methods import get_method
 
 #: How many saved subjects one generation can combine.
 SUBJECT_SLOTS = 3
+#: Gradio keeps every upload, and a copy of every image it shows, in its cache folder: files older than
+#: this are removed (checked every `CACHE_SWEEP_S`), and all of them when the server stops. Training
+#: copies the photos it uses into the session's folder, so an hour-old upload is no longer needed.
+CACHE_MAX_AGE_S = 3600
+CACHE_SWEEP_S = 600
 
 
 def _gradio():
@@ -59,14 +65,17 @@ def error_message(exc: BaseException) -> str | None:
 def handle_errors(fn):
     """Handler decorator: pimg errors and out-of-memory become `gr.Error` messages on the page.
 
-    Keeps `fn`'s signature (Gradio reads its `gr.Progress` default through `functools.wraps`).
+    Such an error is the user's to fix, not a bug: the server log gets one line (`pimg: <handler>:
+    <message>`), not a traceback. Any other exception keeps its traceback. Keeps `fn`'s signature
+    (Gradio reads its `gr.Progress` default through `functools.wraps`).
     """
 
     def translate(exc: BaseException):
         message = error_message(exc)
         if message is None:
             raise exc
-        raise _gradio().Error(message) from exc
+        print(f"pimg: {fn.__name__}: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        raise _gradio().Error(message, print_exception=False) from exc
 
     if inspect.isgeneratorfunction(fn):
 
@@ -119,7 +128,9 @@ def build_demo(
     """
     gr = _gradio()
     backend = DemoBackend(base, output_dir, device, train_settings)
-    with gr.Blocks(title="pimg", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="pimg", analytics_enabled=False, delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S)
+    ) as demo:
         gr.Markdown(
             f"# pimg: personalized text-to-image\nBase model: `{base}`. Train a subject on a few photos, "
             "generate with it, then score the images against the photos."
@@ -195,8 +206,13 @@ def _generate_tab(gr, base: str, guidance: float) -> SimpleNamespace:
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                 steps = gr.Number(25, label="Steps", precision=0, elem_id="gen-steps")
                 # Empty: the chosen subjects' recommended guidance (their trainings record it), else the base's.
-                guidance = gr.Number(
-                    None, label=f"Guidance (empty: the subjects' own, else {guidance:g})", elem_id="guidance"
+                # A Textbox, because a Number field shows and sends 0 when left empty.
+                guidance = gr.Textbox(
+                    "",
+                    label=f"Guidance (empty: the subjects' own, else {guidance:g})",
+                    placeholder="auto",
+                    max_lines=1,
+                    elem_id="guidance",
                 )
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="num-images")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -234,12 +250,21 @@ def _evaluate_tab(gr) -> SimpleNamespace:
 
 def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace, e: SimpleNamespace) -> None:
     """Connect the tabs' events to the backend; each handler only converts between values and components."""
-    session = gr.State(None)  # this page's session id, made on load
+    # This page's session id, made on load. Its files go when the page closes (`end_page`, on unload); the
+    # delete callback covers a page whose unload never came (Gradio drops a closed page's state an hour on).
+    session = gr.State(None, delete_callback=backend.end_session)
     generation = gr.State(None)  # the last Generate result, for the Evaluate tab
 
     @handle_errors
-    def start_session():
-        return backend.new_session()
+    def start_session(request):
+        return backend.new_session(page=request.session_hash)
+
+    def end_page(request):
+        backend.end_page(request.session_hash)
+
+    # Gradio passes the request to a parameter annotated gr.Request; a string annotation (this module
+    # has `from __future__ import annotations`) names `gr`, which Gradio cannot resolve here.
+    start_session.__annotations__["request"] = end_page.__annotations__["request"] = gr.Request
 
     @handle_errors
     def on_method(label):
@@ -303,6 +328,7 @@ def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace
 
     choices = [g.base_choice, *(subject for subject, _ in g.slots), e.subject]
     demo.load(start_session, outputs=session).then(refresh_choices, session, choices)
+    demo.unload(end_page)
     p.method.change(on_method, p.method, [p.token, p.steps])
     p.button.click(
         on_train,
@@ -359,8 +385,16 @@ def main(argv: list[str] | None = None) -> None:
         demo.backend.pipeline()  # the first person should not wait for the base model to load
     except PimgError as exc:
         sys.exit(f"pimg: {exc}")
-    print(f"pimg: ready in {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    serve(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    removed = demo.backend.remove_idle_sessions()  # left by an earlier run, unused for hours
+    print(
+        f"pimg: ready in {time.perf_counter() - began:.1f} s"
+        + (f"; removed {len(removed)} idle session(s)" if removed else ""),
+        file=sys.stderr,
+    )
+    try:
+        serve(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    finally:
+        demo.backend.end_all_sessions()  # no page can come back to a stopped server's sessions
 
 
 def serve(demo, *, host="127.0.0.1", port=None, share=False, auth=None, block=True):
@@ -375,7 +409,7 @@ def serve(demo, *, host="127.0.0.1", port=None, share=False, auth=None, block=Tr
         share=share,
         auth=auth,
         allowed_paths=[str(demo.backend.output_dir.resolve())],
-        max_file_size=UPLOAD_LIMITS.max_bytes,
+        max_file_size=demo.backend.upload_limits.max_bytes,
         prevent_thread_lock=not block,
         quiet=not block,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pimg.errors import PimgError
 
@@ -29,8 +30,12 @@ def _embedding_arg(text: str) -> tuple[str, str | None]:
 
 
 def cmd_generate(args) -> None:
+    from pimg.config import RANDOM_SEED, resolve_seed
     from pimg.inference.generate import GenerateRequest, run_generate
 
+    seed = resolve_seed(args.seed)
+    if args.seed == RANDOM_SEED:
+        print(f"pimg: --seed -1 drew seed {seed} (recorded in settings.json and each PNG)")
     request = GenerateRequest(
         base=args.base,
         prompts=args.prompt or [],
@@ -41,7 +46,7 @@ def cmd_generate(args) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
-        seed=args.seed,
+        seed=seed,
         num_images=args.num_images,
         height=args.height,
         width=args.width,
@@ -96,21 +101,45 @@ def _set_arg(text: str) -> tuple[str, str]:
 
 
 def cmd_train(args) -> None:
-    from pimg.trainers.personalize import load_train_config, resolve_preset, train
+    from pimg.trainers.personalize import load_train_config, resolve_preset, resume_config, train
 
-    # Flags whose dest starts with "cfg." are config keys; --set covers every other key.
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg.")} | dict(args.set or [])
-    preset = resolve_preset(args.method, args.config, overrides.get("base"))
-    print(
-        f"pimg: settings from {preset}" if preset else "pimg: settings from the method's defaults (no preset)"
-    )
-    config = load_train_config(args.method, preset, overrides)
+    overrides, sources = _train_overrides(args)
+    if args.resume:
+        out = overrides.get("out_dir")
+        config = resume_config(args.method, out, overrides, sources, config_path=args.config)
+        print(f"pimg: settings from {Path(out) / 'config.json'}, the run being resumed")
+    else:
+        preset = resolve_preset(args.method, args.config, overrides.get("base"))
+        print(
+            f"pimg: settings from {preset}"
+            if preset
+            else "pimg: settings from the method's defaults (no preset)"
+        )
+        config = load_train_config(args.method, preset, overrides, sources)
+        if str(overrides.get("loop.seed")) == "-1":
+            print(f"pimg: --seed -1 drew seed {config.loop.seed} (recorded in config.json)")
     print(f"{args.method} result written to {train(args.method, config, resume=args.resume)}")
+
+
+def _train_overrides(args) -> tuple[dict, dict]:
+    """The config keys the command line gives, and how each was given (for messages): flags whose
+    dest starts with "cfg." name a key; --set covers every other key, and wins over a flag."""
+    overrides, sources = {}, {}
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg.") and value is not None:
+            flag = args.flag_names[dest]
+            overrides[dest[4:]] = value
+            sources[dest[4:]] = flag if isinstance(value, bool) else f"{flag} {value}"
+    for key, value in args.set or []:
+        overrides[key], sources[key] = value, f"--set {key}={value}"
+    return overrides, sources
 
 
 def _add_train_parser(sub) -> None:
     from pimg.methods import list_methods
 
+    # None defaults mean "not given": the preset (or the method's default) decides, and --resume
+    # keeps the saved value. The help says what that default is.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--base",
@@ -122,16 +151,20 @@ def _add_train_parser(sub) -> None:
         "--photos",
         dest="cfg.photos",
         metavar="DIR",
-        help="folder of the subject's photos (+ optional .txt captions)",
+        help="folder of the subject's photos (+ optional .txt captions); required",
     )
     common.add_argument(
         "--token",
         dest="cfg.token",
         metavar="WORD",
-        help="word bound to the subject (ti/pivotal: a new one, '<sks>')",
+        help="word bound to the subject (default: sks; ti: <sks>); ti and --pivotal need a new one, "
+        "e.g. '<sks>'",
     )
     common.add_argument(
-        "--class-noun", dest="cfg.class_noun", metavar="WORD", help="what the subject is, e.g. dog"
+        "--class-noun",
+        dest="cfg.class_noun",
+        metavar="WORD",
+        help="what the subject is, e.g. dog; required",
     )
     common.add_argument(
         "--config",
@@ -139,31 +172,81 @@ def _add_train_parser(sub) -> None:
         help="YAML file or installed preset name (e.g. lora_sd15); default: the built-in base's preset "
         "(configs/<method>_tiny.yaml for tiny), else the method's defaults",
     )
-    common.add_argument("--steps", dest="cfg.loop.steps", metavar="N", type=int, help="optimizer steps")
-    common.add_argument("--lr", dest="cfg.loop.learning_rate", metavar="LR", type=float, help="learning rate")
     common.add_argument(
-        "--batch-size", dest="cfg.batch_size", metavar="N", type=int, help="photos per micro-batch"
+        "--steps",
+        dest="cfg.loop.steps",
+        metavar="N",
+        type=int,
+        help="optimizer steps in all (default: the preset's, e.g. 400 for lora on tiny); with --resume, "
+        "more steps train on",
+    )
+    common.add_argument(
+        "--lr",
+        dest="cfg.loop.learning_rate",
+        metavar="LR",
+        type=float,
+        help="peak learning rate (default: the preset's, else the method's)",
+    )
+    common.add_argument(
+        "--batch-size",
+        dest="cfg.batch_size",
+        metavar="N",
+        type=int,
+        help="photos per micro-batch (default: the preset's, e.g. 4 on tiny, else 1)",
     )
     common.add_argument(
         "--resolution",
         dest="cfg.resolution",
         metavar="PX",
         type=int,
-        help="training size (default: the base's)",
+        help="training size, a multiple of 8 (default: the base's: tiny 64, SD 1.5 512, SDXL 1024)",
     )
     common.add_argument(
         "--mixed-precision",
         dest="cfg.loop.mixed_precision",
         choices=("no", "bf16", "fp16"),
-        help="default: no",
+        help="autocast precision (default: no, i.e. fp32; fp16 needs CUDA)",
     )
     common.add_argument(
-        "--seed", dest="cfg.loop.seed", metavar="N", type=int, help="seed of the run (default 0)"
+        "--seed",
+        dest="cfg.loop.seed",
+        metavar="N",
+        type=int,
+        help="seed of every random draw of the run; -1 draws one, printed and saved in config.json "
+        "(default: 0)",
     )
-    common.add_argument("--out", dest="cfg.out_dir", metavar="DIR", help="output folder (default out/train)")
-    common.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     common.add_argument(
-        "--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="any config key, repeatable"
+        "--checkpoint-every",
+        dest="cfg.loop.checkpoint_every",
+        metavar="N",
+        type=int,
+        help="write a resumable checkpoint every N steps (default: 0, only at the end)",
+    )
+    common.add_argument(
+        "--sample-every",
+        dest="cfg.loop.sample_every",
+        metavar="N",
+        type=int,
+        help="draw sample images every N steps (default: 0, only at the end)",
+    )
+    common.add_argument(
+        "--out",
+        dest="cfg.out_dir",
+        metavar="DIR",
+        help="output folder (default: out/train); with --resume, the run to continue",
+    )
+    common.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint with its saved config.json; flags "
+        "given again must agree with it, except --steps, --checkpoint-every, --sample-every",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        type=_set_arg,
+        metavar="KEY=VALUE",
+        help="any config key, e.g. loop.warmup_steps=50 (repeatable; wins over the flags)",
     )
 
     methods = list_methods()
@@ -185,6 +268,9 @@ def _add_train_parser(sub) -> None:
                     metavar=flag.key.upper(),
                     help=flag.help,
                 )
+        # Which flag sets which key, so an error about a value names the flag that gave it.
+        names = {a.dest: a.option_strings[0] for a in parser._actions if a.dest.startswith("cfg.")}
+        parser.set_defaults(flag_names=names)
     train.set_defaults(func=cmd_train)
 
 
@@ -202,7 +288,18 @@ def cmd_eval_toysubject(args) -> None:
         method_config=args.config,
     )
     config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
-    evaluate_subjects(config, overrides=dict(args.set or []))
+    evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
+
+
+def _checked_set(variant: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """--set pairs for a method's config, checked up front so a bad one names its --set before training."""
+    from pimg.config import check_override
+    from pimg.methods import evaluation_variants
+
+    config_class = evaluation_variants()[variant][0].config_class()
+    for key, value in pairs:
+        check_override(config_class, key, value, f"--set {key}={value}")
+    return dict(pairs)
 
 
 def cmd_eval_toybase(args) -> None:
@@ -296,64 +393,92 @@ def _add_metric_parsers(ev_sub) -> None:
         help="comma-separated (default dino,clip-i,clip-t,face-id; face-id scores face-class subjects only)",
     )
     db.add_argument("--subjects", type=_csv, default=(), help="comma-separated subset (default: all)")
-    db.add_argument("--images-per-prompt", type=int, default=4)
-    db.add_argument("--token", default="sks", help="identifier of subjects whose dataset line names none")
+    db.add_argument(
+        "--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)"
+    )
+    db.add_argument(
+        "--token",
+        default="sks",
+        help="identifier of subjects whose dataset line names none (default: %(default)s)",
+    )
     token = db.add_mutually_exclusive_group()
     token.add_argument(
         "--strip-token",
         dest="clip_t_token",
         action="store_const",
         const="strip",
-        help="CLIP-T prompt without the identifier token (default)",
+        help="CLIP-T prompt without the identifier token (the default)",
     )
     token.add_argument(
         "--keep-token",
         dest="clip_t_token",
         action="store_const",
         const="keep",
-        help="CLIP-T prompt with the identifier token",
+        help="CLIP-T prompt with the identifier token (default: --strip-token)",
     )
     db.add_argument(
-        "--clip-backend", default="open_clip", help="open_clip, transformers, toy, or a local model path"
+        "--clip-backend",
+        default="open_clip",
+        help="open_clip, transformers, toy, or a local model path (default: %(default)s)",
     )
     db.add_argument(
-        "--clip-model", default=None, help="e.g. ViT-B-32, openai/clip-vit-base-patch32, tiny, a folder"
+        "--clip-model",
+        default=None,
+        help="e.g. ViT-B-32, openai/clip-vit-base-patch32, tiny, a folder (default: the backend's)",
     )
     db.add_argument(
         "--clip-pretrained", default=None, help="open_clip tag or local checkpoint (default openai)"
     )
-    db.add_argument("--dino-backend", default="transformers")
+    db.add_argument(
+        "--dino-backend",
+        default="transformers",
+        help="transformers, toy, or a local model path (default: %(default)s)",
+    )
     db.add_argument(
         "--dino-model", default=None, help="hub id or local folder (default facebook/dino-vits16)"
     )
     db.add_argument(
-        "--face-backend", default="auto", help="auto (insightface if installed, else dlib), insightface, dlib"
+        "--face-backend",
+        default="auto",
+        help="auto (insightface if installed, else dlib), insightface, dlib (default: %(default)s)",
     )
     db.add_argument(
-        "--face-model", default=None, help="insightface pack name/folder, or a folder of dlib .dat files"
+        "--face-model",
+        default=None,
+        help="insightface pack name/folder, or a folder of dlib .dat files (default: the backend's)",
     )
-    db.add_argument("--batch-size", type=int, default=32)
-    db.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    db.add_argument(
+        "--batch-size", type=int, default=32, help="images per embedding batch (default: %(default)s)"
+    )
+    db.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
     db.set_defaults(func=cmd_eval_dreambench, clip_t_token="strip")
 
     rr = ev_sub.add_parser("real-vs-real", help="same-subject vs different-subject similarity of real photos")
     rr.add_argument("--dataset", required=True, help="folder of subject folders (e.g. DreamBench, faces)")
-    rr.add_argument("--metric", default="clip-i", help="clip-i, dino, face-id or toy-fidelity")
+    rr.add_argument(
+        "--metric", default="clip-i", help="clip-i, dino, face-id or toy-fidelity (default: %(default)s)"
+    )
     rr.add_argument(
         "--backend", default=None, help="backend name or local model path (default: the metric's)"
     )
-    rr.add_argument("--model", default=None)
-    rr.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint")
-    rr.add_argument("--batch-size", type=int, default=32)
-    rr.add_argument("--device", default="auto")
-    rr.add_argument("--out", default=None, help="JSON file for the full report")
+    rr.add_argument("--model", default=None, help="backbone name, hub id or folder (default: the backend's)")
+    rr.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint (default: the backend's)")
+    rr.add_argument(
+        "--batch-size", type=int, default=32, help="images per embedding batch (default: %(default)s)"
+    )
+    rr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
+    rr.add_argument("--out", default=None, help="JSON file for the full report (default: print only)")
     rr.set_defaults(func=cmd_eval_real_vs_real)
 
     fa = ev_sub.add_parser("faces", help="same-person vs different-person face verification on real photos")
     fa.add_argument("--dataset", required=True, help="photos by person (identities.csv or one folder each)")
-    fa.add_argument("--backend", default="dlib", help="dlib or insightface")
-    fa.add_argument("--model", default=None, help="folder of dlib .dat files, or insightface pack")
-    fa.add_argument("--out", default=None, help="JSON file for the full report")
+    fa.add_argument("--backend", default="dlib", help="dlib or insightface (default: %(default)s)")
+    fa.add_argument(
+        "--model",
+        default=None,
+        help="folder of dlib .dat files, or insightface pack (default: the backend's)",
+    )
+    fa.add_argument("--out", default=None, help="JSON file for the full report (default: print only)")
     fa.set_defaults(func=cmd_eval_faces)
 
 
@@ -368,20 +493,46 @@ def _add_bench_parser(sub) -> None:
     bg.add_argument(
         "--subject-weights", required=True, help="folder of {subject}/ with a LoRA and/or embedding"
     )
-    bg.add_argument("--out", required=True)
-    bg.add_argument("--base", default="tiny")
+    bg.add_argument("--out", required=True, help="folder for {subject}/{prompt:02d}_{k}.png and bench.json")
+    bg.add_argument(
+        "--base",
+        default="tiny",
+        help="built-in name, diffusers folder, file or hub id (default: %(default)s)",
+    )
     bg.add_argument(
         "--subjects", type=_csv, default=(), help="comma-separated subset (default: all with weights)"
     )
     bg.add_argument("--prompts", type=_int_csv, default=(), help="prompt indices, e.g. 0,1 (default: all 25)")
-    bg.add_argument("--images-per-prompt", type=int, default=4)
-    bg.add_argument("--token", default="sks")
-    bg.add_argument("--lora-scale", type=float, default=1.0)
-    bg.add_argument("--steps", dest="num_inference_steps", type=int, default=25)
-    bg.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
-    bg.add_argument("--negative-prompt", default=None)
-    bg.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
-    bg.add_argument("--device", default="auto")
+    bg.add_argument(
+        "--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)"
+    )
+    bg.add_argument(
+        "--token",
+        default="sks",
+        help="identifier of subjects whose dataset line names none and that have no embedding (default: %(default)s)",
+    )
+    bg.add_argument(
+        "--lora-scale", type=float, default=1.0, help="scale of each subject's LoRA (default: %(default)s)"
+    )
+    bg.add_argument(
+        "--steps",
+        dest="num_inference_steps",
+        type=int,
+        default=25,
+        help="denoising steps (default: %(default)s)",
+    )
+    bg.add_argument(
+        "--guidance",
+        dest="guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: each subject's recorded one, else the base's)",
+    )
+    bg.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    bg.add_argument(
+        "--seed", type=int, default=0, help="image k of each prompt uses seed + k (default: %(default)s)"
+    )
+    bg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
     bg.set_defaults(func=cmd_bench_generate)
 
 
@@ -391,26 +542,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a base model plus LoRAs and embeddings")
     g.add_argument(
-        "--base", default="tiny", help="built-in name, diffusers folder, .safetensors file or hub id"
+        "--base",
+        default="tiny",
+        help="built-in name, diffusers folder, .safetensors file or hub id (default: %(default)s)",
     )
-    g.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    g.add_argument("--prompt-file", help="text file with one prompt per line")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--lora", action="append", type=_lora_arg, metavar="PATH[:SCALE]")
-    g.add_argument("--embedding", action="append", type=_embedding_arg, metavar="PATH[:TOKEN]")
-    g.add_argument("--steps", type=int, default=25, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--prompt", action="append", help="text to generate (repeatable; or --prompt-file)")
+    g.add_argument("--prompt-file", help="text file with one prompt per line (after the --prompt ones)")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    g.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_arg,
+        metavar="PATH[:SCALE]",
+        help="LoRA file or training result folder, e.g. out/sks:0.8 (repeatable; default scale 1)",
+    )
+    g.add_argument(
+        "--embedding",
+        action="append",
+        type=_embedding_arg,
+        metavar="PATH[:TOKEN]",
+        help="Textual Inversion file, optionally bound to another word, e.g. emb.safetensors:'<zwx>' "
+        "(repeatable; default: the file's own token)",
+    )
+    g.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the lowest the loaded subjects recorded, else "
+        "the base's; tiny: 3)",
+    )
     g.add_argument("--scheduler", default=None, help="ddim, dpm++, euler, ... (default: the model's own)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--out", default="out", help="output folder")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a prompt's first image, image k uses seed + k; -1 draws one, printed and "
+        "recorded in settings.json and the PNGs (default: %(default)s)",
+    )
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")
+    g.add_argument(
+        "--height", type=int, default=None, help="pixels, a multiple of 8 (default: the base's; tiny 64)"
+    )
+    g.add_argument(
+        "--width", type=int, default=None, help="pixels, a multiple of 8 (default: the base's; tiny 64)"
+    )
+    g.add_argument("--out", default="out", help="output folder (default: %(default)s)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA in bf16/fp16 when present, else CPU fp32), cpu, cuda, cuda:1 (default: %(default)s)",
+    )
     g.add_argument(
         "--config-folder",
         default=None,
-        help="for single-file checkpoints offline: a diffusers folder of the same family",
+        help="for single-file checkpoints offline: a diffusers folder of the same family (default: "
+        "the family's configs from the hub)",
     )
     g.set_defaults(func=cmd_generate)
 
@@ -429,7 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --config: the shipped tiny's first phase; configs/toy_base.yaml: all five.",
     )
     tb.add_argument(
-        "--config", default=None, help="YAML file (a diff from the defaults); its `phases:` run in order"
+        "--config",
+        default=None,
+        help="YAML file (a diff from the defaults); its `phases:` run in order (default: the shipped "
+        "tiny's first phase)",
     )
     tb.add_argument(
         "--phase",
@@ -437,12 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run only this phase of the --config recipe, e.g. binding",
     )
-    tb.add_argument("--out", default=None, help="run folder (with several phases: only with --phase)")
-    tb.add_argument("--stages", default=None, help="comma-separated subset of clip,vae,unet,decoder")
-    tb.add_argument("--clip-steps", type=int, default=None, help="for every phase run")
-    tb.add_argument("--vae-steps", type=int, default=None, help="for every phase run")
-    tb.add_argument("--unet-steps", type=int, default=None, help="for every phase run")
-    tb.add_argument("--decoder-steps", type=int, default=None, help="for every phase run")
+    tb.add_argument(
+        "--out",
+        default=None,
+        help="run folder (with several phases: only with --phase; default: the recipe's, e.g. runs/tiny)",
+    )
+    tb.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of clip,vae,unet,decoder (default: the recipe's, else all four)",
+    )
+    for stage in ("clip", "vae", "unet", "decoder"):
+        tb.add_argument(
+            f"--{stage}-steps",
+            type=int,
+            default=None,
+            help=f"steps of the {stage} stage, for every phase run (default: the recipe's)",
+        )
     tb.add_argument(
         "--resume",
         action="store_true",
@@ -450,24 +651,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tb.set_defaults(func=cmd_train_base)
     ex = toy_sub.add_parser("export", help="re-save a trained model folder in fp16 (as `tiny` ships)")
-    ex.add_argument("--model", required=True, help="e.g. runs/tiny/unet/model")
-    ex.add_argument("--to", required=True, help="e.g. pimg/assets/tiny")
+    ex.add_argument("--model", required=True, help="the trained model folder, e.g. runs/tiny/unet/model")
+    ex.add_argument("--to", required=True, help="the folder to write, e.g. pimg/assets/tiny")
     ex.set_defaults(func=cmd_export_base)
 
     ev = sub.add_parser("eval", help="evaluation commands that print figures")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     etb = ev_sub.add_parser("toybase", help="prompt-following accuracy of a toy-world base model")
-    etb.add_argument("--base", default="tiny")
-    etb.add_argument("--prompts", type=int, default=240, help="prompts per split")
-    etb.add_argument("--seeds", type=int, default=8)
-    etb.add_argument("--steps", type=int, default=25)
+    etb.add_argument(
+        "--base",
+        default="tiny",
+        help="built-in name or toy-world model folder (with clip/) (default: %(default)s)",
+    )
+    etb.add_argument(
+        "--prompts", type=int, default=240, help="prompts per split (seen, held-out) (default: %(default)s)"
+    )
+    etb.add_argument("--seeds", type=int, default=8, help="images per prompt (default: %(default)s)")
+    etb.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     etb.add_argument(
         "--guidance",
         type=float,
         default=None,
         help="default: a built-in's recommended guidance; for a folder, tiny's",
     )
-    etb.add_argument("--out", default="out/eval-toybase")
+    etb.add_argument(
+        "--out",
+        default="out/eval-toybase",
+        help="folder for report.json and samples.png (default: %(default)s)",
+    )
     etb.set_defaults(func=cmd_eval_toybase)
     ets = ev_sub.add_parser(
         "toysubject", help="train on toy-world subjects; print fidelity, backgrounds, drift"
@@ -483,7 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=None, help="default: the method config's, else the base's"
     )
     ets.add_argument("--config", default=None, help="method YAML (default: configs/<method>_tiny.yaml)")
-    ets.add_argument("--set", action="append", type=_set_arg, metavar="KEY=VALUE", help="method config key")
+    ets.add_argument(
+        "--set",
+        action="append",
+        type=_set_arg,
+        metavar="KEY=VALUE",
+        help="a method config key for every subject's training, e.g. rank=4 (repeatable)",
+    )
     ets.add_argument("--out", default=None, help="default: out/eval-toysubject-<method>")
     ets.set_defaults(func=cmd_eval_toysubject)
     _add_metric_parsers(ev_sub)

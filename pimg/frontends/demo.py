@@ -8,6 +8,11 @@ Sessions run in threads of one process. Each has its own folder (`pimg.frontends
 its uploads, subjects and images are never visible to another session. Torch modules are built under
 one process-wide lock (`BUILD_LOCK`, see there); training loops and denoising run side by side.
 
+Nobody needs to log in, so nothing a session writes may stay for good: a session's folder is removed
+when its page closes (`end_session`, once its running job is done) or after `max_idle_seconds` unused
+(`remove_idle_sessions`, also for folders left by an earlier run), and the photos kept are held to a
+per-session and a total quota (`UploadLimits.max_session_bytes`, `.max_total_bytes`).
+
 Example:
     >>> backend = DemoBackend("tiny", "out/app")
     >>> session = backend.new_session()
@@ -19,10 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import dataclasses
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +44,16 @@ from pimg.frontends.subject_store import (
     new_session_id,
     subject_parts,
 )
-from pimg.frontends.uploads import UploadLimits, check_uploads, copy_uploads
+from pimg.frontends.uploads import UploadLimits, check_quota, check_uploads, copy_uploads
 from pimg.methods import get_method, list_methods
 
 #: Per-photo upload limits (the same size limit is given to Gradio's upload route).
 UPLOAD_LIMITS = UploadLimits(min_files=1, max_files=10, max_bytes=20 * 2**20)
 MAX_TRAIN_STEPS = 5000
 MAX_IMAGES = 8
+MAX_GUIDANCE = 30.0
+#: A session unused this long is removed (its page went away without saying so, e.g. a closed laptop).
+MAX_IDLE_SECONDS = 6 * 3600
 # Value of the "base" choice in the Generate tab; ':' can never occur in a subject name.
 BASE_CHOICE = ":base"
 # Held wherever torch modules are built: loading a model (diffusers' low-memory loading patches
@@ -103,9 +114,38 @@ def _number(name: str, value, low: float, high: float, integer: bool = True):
         raise InputError(f"{name} must be a number, got {value!r}.") from None
     if integer and number != int(number):
         raise InputError(f"{name} must be a whole number, got {value!r}.")
-    if not low <= number <= high:
+    if not low <= number <= high:  # also refuses nan
         raise InputError(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
     return int(number) if integer else number
+
+
+def _guidance(value) -> float | None:
+    """The Generate tab's guidance: None when the field is empty (the subjects' own, else the base's)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _number("guidance", value.strip() if isinstance(value, str) else value, 0, MAX_GUIDANCE, False)
+
+
+def _photo_bytes(folder: Path) -> int:
+    """Bytes of the subjects' photos under a session folder."""
+    return _bytes(folder.glob("subjects/*/photos/*"))
+
+
+def _bytes(paths) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):  # removed meanwhile by a session that ended
+            total += path.stat().st_size
+    return total
+
+
+def _newest_change(folder: Path) -> float:
+    """The newest modification time of `folder` and everything in it (0 when it is gone)."""
+    newest = 0.0
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):
+            newest = max(newest, path.stat().st_mtime)
+    return newest
 
 
 class DemoBackend:
@@ -117,6 +157,8 @@ class DemoBackend:
         device: "auto" (CUDA with bf16/fp16 when present, else CPU fp32), "cpu" or "cuda[:N]".
         train_settings: per method name (`pimg.methods`), config keys to set on every run,
             e.g. `{"<method>": {"loop.steps": 50}}` (dotted keys as in `pimg train --set`).
+        upload_limits: what one upload, one session and all sessions may hold (`UploadLimits`).
+        max_idle_seconds: a session unused this long is removed with its files.
 
     Example: see the module docstring.
     """
@@ -127,24 +169,133 @@ class DemoBackend:
         output_dir: str | Path = "out/app",
         device: str = "auto",
         train_settings: dict[str, dict] | None = None,
+        upload_limits: UploadLimits = UPLOAD_LIMITS,
+        max_idle_seconds: float = MAX_IDLE_SECONDS,
     ):
         self.base = base
         self.train_settings = train_settings or {}
         self.output_dir = Path(output_dir)
         self.device_choice = device
+        self.upload_limits = upload_limits
+        self.max_idle_seconds = max_idle_seconds
         self._pipelines: dict[str, Any] = {}
         self._metrics: dict[str, Any] | None = None
         # One generation at a time: parts are attached to the shared pipeline for one call, then removed.
         self._generate_lock = threading.Lock()
+        # Session bookkeeping, under one lock: jobs running per session, last use, ended sessions, and
+        # which page (Gradio's session hash) holds which session.
+        self._sessions_lock = threading.Lock()
+        self._busy: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        self._ended: set[str] = set()
+        self._pages: dict[str, str] = {}
+        # Checking a quota and copying the photos happen together, so two uploads cannot both pass.
+        self._quota_lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------- sessions
 
-    def new_session(self) -> str:
-        """A new session id (the page gets one on load)."""
-        return new_session_id()
+    def new_session(self, page: str | None = None) -> str:
+        """A new session id (the page gets one on load); first removes sessions left unused too long.
+
+        Args:
+            page: the page's own id (Gradio's session hash), so `end_page` can end the session.
+        """
+        self.remove_idle_sessions()
+        session_id = new_session_id()
+        with self._sessions_lock:
+            self._last_used[session_id] = time.time()
+            if page is not None:
+                self._pages[page] = session_id
+        return session_id
 
     def space(self, session_id: str) -> SessionSpace:
-        return SessionSpace(self.output_dir, session_id)
+        """The session's folder; an InputError once the session has ended."""
+        space = SessionSpace(self.output_dir, session_id)
+        with self._sessions_lock:
+            if session_id in self._ended:
+                raise InputError(
+                    "this session has ended (its page was closed, or left unused for "
+                    f"{self.max_idle_seconds / 3600:g} h) and its files were removed; reload the page to start "
+                    "a new one."
+                )
+            self._last_used[session_id] = time.time()
+        return space
+
+    @contextlib.contextmanager
+    def _using(self, session_id: str):
+        """The session's space, held open: an `end_session` meanwhile waits for this job to finish."""
+        space = self.space(session_id)
+        with self._sessions_lock:
+            self._busy[session_id] = self._busy.get(session_id, 0) + 1
+        try:
+            yield space
+        finally:
+            with self._sessions_lock:
+                self._busy[session_id] -= 1
+                idle = self._busy[session_id] == 0
+                if idle:
+                    del self._busy[session_id]
+                remove = idle and session_id in self._ended
+                if not remove:
+                    self._last_used[session_id] = time.time()
+            if remove:
+                shutil.rmtree(space.folder, ignore_errors=True)
+
+    def end_session(self, session_id: str | None) -> None:
+        """Remove a session's folder (its uploads, subjects and images); later calls for it are refused.
+
+        A job still running in the session (a training) finishes first; its folder goes when it ends.
+        Safe to call twice, and with None (a page that never got a session).
+        """
+        if session_id is None:
+            return
+        space = SessionSpace(self.output_dir, session_id)  # checks the id: nothing else is ever removed
+        with self._sessions_lock:
+            self._ended.add(session_id)
+            self._last_used.pop(session_id, None)
+            self._pages = {page: s for page, s in self._pages.items() if s != session_id}
+            busy = self._busy.get(session_id, 0) > 0
+        if not busy:
+            shutil.rmtree(space.folder, ignore_errors=True)
+
+    def end_page(self, page: str | None) -> None:
+        """End the session of a page that was closed (Gradio's `unload`, given the page's session hash)."""
+        with self._sessions_lock:
+            session_id = self._pages.pop(page, None) if page is not None else None
+        self.end_session(session_id)
+
+    def end_all_sessions(self) -> None:
+        """End every session this backend started (the server is shutting down: no page can come back)."""
+        with self._sessions_lock:
+            sessions = list(self._last_used)
+        for session_id in sessions:
+            self.end_session(session_id)
+
+    def remove_idle_sessions(self) -> list[str]:
+        """End sessions unused for `max_idle_seconds`, and remove folders of earlier runs as old.
+
+        Returns:
+            The session ids removed.
+        """
+        root = self.output_dir / "sessions"
+        if not root.is_dir():
+            return []
+        now, removed = time.time(), []
+        for folder in root.iterdir():
+            session_id = folder.name
+            with self._sessions_lock:
+                if self._busy.get(session_id):
+                    continue
+                last = self._last_used.get(session_id)
+            if last is None:  # not started by this backend: judge by its files
+                last = _newest_change(folder)
+            if now - last > self.max_idle_seconds:
+                try:
+                    self.end_session(session_id)
+                except InputError:  # not a session folder: leave it alone
+                    continue
+                removed.append(session_id)
+        return removed
 
     def subjects(self, session_id: str) -> list[SavedSubject]:
         space = self.space(session_id)
@@ -206,11 +357,15 @@ class DemoBackend:
     ):
         """Train a subject on uploaded photos and save it in the session; yields `TrainUpdate`s.
 
+        Refused before anything trains: a bad class noun or step count, unusable files, photos smaller
+        than the training size (each named), and uploads past the session's or the demo's quota.
         Training runs in a worker thread (in this context, so `gr.Progress(track_tqdm=True)` follows its
         progress bar) while this generator shows each new sample grid as it is written.
         """
+        with self._using(session_id) as space:
+            yield from self._personalize(space, files, method, token, class_noun, steps, name, progress)
 
-        space = self.space(session_id)
+    def _personalize(self, space: SessionSpace, files, method, token, class_noun, steps, name, progress):
         entry = get_method(method)
         trainer = entry.name
         class_noun = (class_noun or "").strip()
@@ -219,27 +374,39 @@ class DemoBackend:
                 f"class noun {class_noun!r}: say in a word or two what the subject is, e.g. 'star' or 'dog'."
             )
         steps = _number("steps", steps, 1, MAX_TRAIN_STEPS)
-        photos = check_uploads(files, UPLOAD_LIMITS)
+        limits = self.upload_limits
+        photos = check_uploads(files, limits)
         name = (name or "").strip() or _free_name(space, f"{class_noun.replace(' ', '_')}_{trainer}")
-        folder = space.store.create(name)
+        folder = space.store.folder(name)
+        out = folder / "train"
+        overrides = {
+            "base": self.base,
+            "photos": str(folder / "photos"),
+            "token": (token or "").strip(),
+            "class_noun": class_noun,
+            "out_dir": str(out),
+            "loop.steps": steps,
+            # About four sample grids along the way, so the page shows training take hold.
+            "loop.sample_every": steps // 4 if steps >= 8 else 0,
+        }
+        note = ""
+        if "class_images_dir" in _config_fields(entry):
+            overrides["class_images_dir"] = str(self._class_images_dir(class_noun))
+            note = " First the base draws images of the bare class (prior preservation; once per class noun)."
+        config = self._train_config(trainer, overrides)
+        # Training skips a photo smaller than its size (photos are never upscaled): refuse it here, by name,
+        # so that the count below is the count trained on.
+        size = config.resolution or self.pipeline().default_size()
+        check_uploads(photos, dataclasses.replace(limits, min_side=size))
+        with self._quota_lock:
+            check_quota(photos, _photo_bytes(space.folder), self.kept_photo_bytes(), limits)
+            space.store.create(name)
+            try:
+                copied = copy_uploads(photos, folder / "photos")
+            except BaseException:
+                space.store.discard(name)
+                raise
         try:
-            copied = copy_uploads(photos, folder / "photos")
-            out = folder / "train"
-            overrides = {
-                "base": self.base,
-                "photos": str(folder / "photos"),
-                "token": (token or "").strip(),
-                "class_noun": class_noun,
-                "out_dir": str(out),
-                "loop.steps": steps,
-                # About four sample grids along the way, so the page shows training take hold.
-                "loop.sample_every": steps // 4 if steps >= 8 else 0,
-            }
-            note = ""
-            if "class_images_dir" in _config_fields(entry):
-                overrides["class_images_dir"] = str(self._class_images_dir(class_noun))
-                note = " First the base draws images of the bare class (prior preservation; once per class noun)."
-            config = self._train_config(trainer, overrides)
             if progress is not None:
                 progress(0, desc="loading the base model")
             yield TrainUpdate(
@@ -269,6 +436,10 @@ class DemoBackend:
             [str(p) for p in samples[-1:]],
             subject,
         )
+
+    def kept_photo_bytes(self) -> int:
+        """Bytes of the photos all sessions keep (what `UploadLimits.max_total_bytes` limits)."""
+        return _bytes((self.output_dir / "sessions").glob("*/subjects/*/photos/*"))
 
     def _class_images_dir(self, class_noun: str) -> Path:
         # Class images show the bare class ("a star") and hold nothing of anyone's photos, so every
@@ -324,7 +495,7 @@ class DemoBackend:
         negative_prompt: str = "",
         seed: int = 0,
         num_inference_steps: int = 25,
-        guidance_scale: float | None = None,
+        guidance_scale: float | str | None = None,
         num_images: int = 4,
     ) -> Generation:
         """Generate with the base (or a DreamBooth subject) and the chosen subjects at their scales.
@@ -332,46 +503,48 @@ class DemoBackend:
         Args:
             base_choice: `BASE_CHOICE` for the app's base, or the name of a DreamBooth subject.
             chosen: (subject name or None for an empty slot, scale) pairs.
-            guidance_scale: None takes the lowest the chosen subjects' trainings recorded, else the base's.
+            guidance_scale: 0 to `MAX_GUIDANCE` (as typed into the page: a number or its text); None or
+                blank text takes the lowest the chosen subjects' trainings recorded, else the base's.
         """
-        space = self.space(session_id)
-        picks = [(space.store.load(n), float(s)) for n, s in chosen if n]
-        if base_choice and base_choice != BASE_CHOICE:
-            picks.insert(0, (space.store.load(base_choice), 1.0))
-        seed = _number("seed", seed, 0, 2**31 - 1)
-        steps = _number("steps", num_inference_steps, 1, 200)
-        num_images = _number("number of images", num_images, 1, MAX_IMAGES)
-        loaded = load_subjects(picks, space.store)
-        check_prompt_tokens(prompt or "", loaded)
-        base, parts = subject_parts(loaded)
-        from pimg.inference.guidance import choose_guidance
+        guidance_scale = _guidance(guidance_scale)
+        with self._using(session_id) as space:
+            picks = [(space.store.load(n), float(s)) for n, s in chosen if n]
+            if base_choice and base_choice != BASE_CHOICE:
+                picks.insert(0, (space.store.load(base_choice), 1.0))
+            seed = _number("seed", seed, 0, 2**31 - 1)
+            steps = _number("steps", num_inference_steps, 1, 200)
+            num_images = _number("number of images", num_images, 1, MAX_IMAGES)
+            loaded = load_subjects(picks, space.store)
+            check_prompt_tokens(prompt or "", loaded)
+            base, parts = subject_parts(loaded)
+            from pimg.inference.guidance import choose_guidance
 
-        # None: what the chosen subjects' trainings recommend, else the base's.
-        guidance, _ = choose_guidance(self.base, [r.folder for _, r in loaded], guidance_scale)
-        with self._generate_lock:
-            pipe = self.pipeline(base)
-            try:
-                with BUILD_LOCK:  # attaching a LoRA builds peft layers
-                    for part in parts:
-                        pipe.add(part)
-                images = pipe.generate(
-                    prompt,
-                    negative_prompt=negative_prompt or None,
-                    num_images=num_images,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    seed=seed,
-                )
-            finally:
-                with BUILD_LOCK:  # removing a token resizes the embedding table: a new module
-                    pipe.clear()
-        folder = space.new_folder("images")
-        paths = [
-            str(im.save(folder / f"{k:02d}_seed{im.settings['seed']}.png")) for k, im in enumerate(images)
-        ]
-        subjects = [s.name for s, _ in picks]
-        settings = [{**im.settings, "subjects": subjects} for im in images]
-        return Generation(paths, settings, prompt, subjects, [s.token for s, _ in picks])
+            # None: what the chosen subjects' trainings recommend, else the base's.
+            guidance, _ = choose_guidance(self.base, [r.folder for _, r in loaded], guidance_scale)
+            with self._generate_lock:
+                pipe = self.pipeline(base)
+                try:
+                    with BUILD_LOCK:  # attaching a LoRA builds peft layers
+                        for part in parts:
+                            pipe.add(part)
+                    images = pipe.generate(
+                        prompt,
+                        negative_prompt=negative_prompt or None,
+                        num_images=num_images,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        seed=seed,
+                    )
+                finally:
+                    with BUILD_LOCK:  # removing a token resizes the embedding table: a new module
+                        pipe.clear()
+            folder = space.new_folder("images")
+            paths = [
+                str(im.save(folder / f"{k:02d}_seed{im.settings['seed']}.png")) for k, im in enumerate(images)
+            ]
+            subjects = [s.name for s, _ in picks]
+            settings = [{**im.settings, "subjects": subjects} for im in images]
+            return Generation(paths, settings, prompt, subjects, [s.token for s, _ in picks])
 
     # -------------------------------------------------------------------------------------- evaluate
 
@@ -424,31 +597,32 @@ class DemoBackend:
             raise InputError("there are no images to evaluate yet: generate some in the Generate tab first.")
         if not subject_name:
             raise InputError("choose the subject to compare the images with.")
-        space = self.space(session_id)
-        subject = space.store.load(subject_name)
-        images = [space.owns(p) for p in generation.images]
-        references = space.store.photo_paths(subject)
-        clip_t_prompt = strip_tokens(generation.prompt, generation.tokens)
-        scores, notes = {}, []
-        for name, metric in self.metrics().items():
-            if name == "face-id" and subject.class_noun not in FACE_CLASSES:
-                continue
-            if isinstance(metric, str):
-                notes.append(f"{name}: {metric}")
-                continue
-            targets = [clip_t_prompt] * len(images) if METRICS[name].kind == "text" else references
-            try:
-                scores[name] = [float(v) for v in metric.score(images, targets)]
-            except InputError as exc:  # e.g. no face in any of the subject's photos
-                notes.append(f"{name}: {exc}")
-        rows = []
-        for k, settings in enumerate(generation.settings):
-            rows.append({"image": k, "seed": settings["seed"], **{n: v[k] for n, v in scores.items()}})
-        means = {n: sum(v) / len(v) for n, v in scores.items()}
-        notes.insert(
-            0, f"CLIP-T prompt: '{clip_t_prompt}' (token removed); references: {len(references)} photo(s)."
-        )
-        return Evaluation(rows, means, notes)
+        with self._using(session_id) as space:
+            subject = space.store.load(subject_name)
+            images = [space.owns(p) for p in generation.images]
+            references = space.store.photo_paths(subject)
+            clip_t_prompt = strip_tokens(generation.prompt, generation.tokens)
+            scores, notes = {}, []
+            for name, metric in self.metrics().items():
+                if name == "face-id" and subject.class_noun not in FACE_CLASSES:
+                    continue
+                if isinstance(metric, str):
+                    notes.append(f"{name}: {metric}")
+                    continue
+                targets = [clip_t_prompt] * len(images) if METRICS[name].kind == "text" else references
+                try:
+                    scores[name] = [float(v) for v in metric.score(images, targets)]
+                except InputError as exc:  # e.g. no face in any of the subject's photos
+                    notes.append(f"{name}: {exc}")
+            rows = []
+            for k, settings in enumerate(generation.settings):
+                rows.append({"image": k, "seed": settings["seed"], **{n: v[k] for n, v in scores.items()}})
+            means = {n: sum(v) / len(v) for n, v in scores.items()}
+            notes.insert(
+                0,
+                f"CLIP-T prompt: '{clip_t_prompt}' (token removed); references: {len(references)} photo(s).",
+            )
+            return Evaluation(rows, means, notes)
 
 
 def method_labels() -> list[str]:
@@ -457,8 +631,6 @@ def method_labels() -> list[str]:
 
 
 def _config_fields(method) -> set[str]:
-    import dataclasses
-
     return {f.name for f in dataclasses.fields(method.config_class())}
 
 

@@ -5,7 +5,8 @@ failed copy, a 50 MB scan, a decompression bomb. `check_uploads` reads each file
 trusting its name), collects every problem, and raises one `InputError` that names each bad file
 and says what to do, so the demo shows a sentence instead of a traceback. `copy_uploads` then copies
 the accepted files into a folder the caller owns, under names it chooses, so nothing later reads
-from where the upload landed.
+from where the upload landed. `check_quota` keeps what one session, and all sessions together, may
+keep of uploaded photos on disk.
 
 Example:
     >>> paths = check_uploads(["a.png", "b.jpg"], UploadLimits(max_files=10))
@@ -16,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +48,20 @@ class UploadLimits:
         max_pixels: largest image, in pixels (width x height; guards against decompression bombs,
             tiny files that decode to gigabytes).
         min_side: smallest accepted short side in pixels (the training size: photos are never upscaled).
+        max_session_bytes: photos one session may keep, all its subjects together. 100 MiB holds two or
+            three trainings on ten full-size phone photos (3-5 MB each).
+        max_total_bytes: photos all sessions together may keep (2 GiB: twenty sessions at their limit,
+            a hundred or more typical ones); sessions' files go when their page closes or sits unused.
     """
 
     min_files: int = 1
     max_files: int = 10
     max_bytes: int = 20 * 2**20
+    # The same as the CLI's limit (`pimg.photos.MAX_PHOTO_PIXELS`, where the choice is explained).
     max_pixels: int = 40_000_000
     min_side: int = 0
+    max_session_bytes: int = 100 * 2**20
+    max_total_bytes: int = 2 * 2**30
 
     def __post_init__(self):
         if not 1 <= self.min_files <= self.max_files:
@@ -63,6 +72,11 @@ class UploadLimits:
             raise InputError(
                 f"upload limits must be positive, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}, "
                 f"min_side={self.min_side}."
+            )
+        if not 1 <= self.max_session_bytes <= self.max_total_bytes:
+            raise InputError(
+                "upload limits need 1 <= max_session_bytes <= max_total_bytes, got "
+                f"{self.max_session_bytes} and {self.max_total_bytes}."
             )
 
 
@@ -104,7 +118,10 @@ def image_problem(path: str | Path, limits: UploadLimits = UploadLimits()) -> st
     with path.open("rb") as f:
         head = f.read(64)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL warns of images over ~89 megapixels: the limit below says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as image:
             width, height = image.size
             if width * height > limits.max_pixels:
                 return (
@@ -114,7 +131,9 @@ def image_problem(path: str | Path, limits: UploadLimits = UploadLimits()) -> st
             image.load()  # decode now: a truncated file fails here, not in the middle of training
     except UnidentifiedImageError:
         return f"the file is {_describe_non_image(head)} although its name ends in {path.suffix}"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # over PIL's own limit: refused by Image.open itself
+        return f"the image is far too large ({exc}), over the {limits.max_pixels / 1e6:.0f} megapixel limit; resize it"
+    except (OSError, SyntaxError, ValueError) as exc:
         return f"the image cannot be decoded ({exc}); the file is truncated or damaged"
     if min(width, height) < limits.min_side:
         return (
@@ -169,6 +188,44 @@ def check_uploads(
             f"{'it' if len(bad) == 1 else 'them'} and try again."
         )
     return paths
+
+
+def check_quota(
+    paths: list[Path], session_bytes: int, total_bytes: int, limits: UploadLimits = UploadLimits()
+) -> int:
+    """Refuse an upload that would take a session's, or all sessions', kept photos over their limits.
+
+    Args:
+        paths: the upload's (checked) files.
+        session_bytes: bytes of photos the session keeps already.
+        total_bytes: bytes of photos all sessions keep already (this one's included).
+        limits: `max_session_bytes` and `max_total_bytes`.
+
+    Returns:
+        The upload's size in bytes.
+
+    Raises:
+        InputError: saying which limit, what is kept already, the upload's size, and what to do.
+
+    Example:
+        >>> check_quota([Path("a.png")], session_bytes=99 * 2**20, total_bytes=2**30)
+        InputError: this upload (2.1 MB) would bring the photos this session keeps to 101.1 MB, ...
+    """
+    size = sum(p.stat().st_size for p in paths)
+    if session_bytes + size > limits.max_session_bytes:
+        raise InputError(
+            f"this upload ({_megabytes(size)}) would bring the photos this session keeps to "
+            f"{_megabytes(session_bytes + size)}, over the {_megabytes(limits.max_session_bytes)} limit per "
+            "session; upload fewer or smaller photos (the training size is small: 1024 px is plenty), or "
+            "reload the page to start a new session (its subjects are then removed)."
+        )
+    if total_bytes + size > limits.max_total_bytes:
+        raise InputError(
+            f"the demo holds {_megabytes(total_bytes)} of photos from all sessions, and this upload "
+            f"({_megabytes(size)}) would pass its {_megabytes(limits.max_total_bytes)} limit; try again "
+            "later (a session's files are removed when its page is closed or left unused)."
+        )
+    return size
 
 
 def copy_uploads(paths: list[Path], folder: str | Path) -> list[Path]:

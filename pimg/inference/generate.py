@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,30 @@ class GenerateRequest:
     config_folder: str | None = None
 
     def validate(self) -> None:
-        """Cheap checks before any model loads, so a typo fails in a second, not after loading."""
+        """Cheap checks before any model loads, so a typo fails in a second, not after loading.
+
+        Raises:
+            InputError: naming the flag and its value: a non-finite or negative `--guidance`, a
+                non-finite `--lora` scale, a size that is no multiple of 8, a missing file, ...
+        """
+        if self.guidance_scale is not None and not (
+            isinstance(self.guidance_scale, int | float)
+            and math.isfinite(self.guidance_scale)
+            and self.guidance_scale >= 0
+        ):
+            # nan and inf parse as floats; they would draw an unguided or an all-black image.
+            raise InputError(
+                f"--guidance must be a finite number >= 0, got {self.guidance_scale!r}; 1 turns guidance off, "
+                "and leaving --guidance out takes the subjects' recorded value, else the base's."
+            )
+        for path, scale in self.loras:
+            if not isinstance(scale, int | float) or not math.isfinite(scale):
+                raise InputError(
+                    f"--lora {path}:{scale}: the scale must be a finite number (1 = as trained, 0 = off), "
+                    f"got {scale!r}."
+                )
+        if self.num_inference_steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.num_inference_steps}.")
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and (value <= 0 or value % 8):
                 raise InputError(
