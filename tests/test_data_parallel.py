@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_trainers import KilledAt  # tests/ is on sys.path, under pytest and as a torchrun script
 
 from pimg.errors import InputError
 from pimg.formats.safetensors_io import read_safetensors
@@ -203,21 +204,6 @@ def test_two_processes_train_as_one_with_twice_the_batch(random_tiny_dir, photos
     moved = max(float(one[k].abs().max()) for k in one if "lora_B" in k)  # B starts at 0
     print(f"max |2 processes x batch 1 - 1 process x batch 2| = {diff:.2e} (largest lora_B {moved:.2e})")
     assert diff <= TOLERANCE and moved > 100 * TOLERANCE
-
-
-class KilledAt:
-    """Wraps a method so the run dies when step `k` begins, as a killed process would."""
-
-    def __init__(self, method, k: int):
-        self.method, self.k = method, k
-
-    def __getattr__(self, name):
-        return getattr(self.method, name)
-
-    def batch(self, step, micro, seed):
-        if step == self.k:
-            raise KeyboardInterrupt("killed")
-        return self.method.batch(step, micro, seed)
 
 
 def _record_writes(root: Path) -> list[str]:

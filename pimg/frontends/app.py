@@ -357,7 +357,7 @@ def _auth(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pimg app", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--base", default="tiny", help="base model: built-in name, diffusers folder, file or hub id"
     )
