@@ -32,9 +32,18 @@ def resolve_seed(seed: int) -> int:
         >>> resolve_seed(7), 0 <= resolve_seed(-1) < 2**31
         (7, True)
     """
+    import os
     import secrets
 
-    return secrets.randbelow(2**31) if seed == RANDOM_SEED else seed
+    if seed != RANDOM_SEED:
+        return seed
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each process would draw its own seed, and so its own batches and noise: one run needs one seed.
+        raise InputError(
+            "--seed -1 cannot be used under a launcher with several processes (each would draw its own "
+            "seed); give the seed itself, e.g. --seed 1234."
+        )
+    return secrets.randbelow(2**31)
 
 
 def _field_types(cls) -> dict[str, Any]:

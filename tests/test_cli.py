@@ -243,3 +243,13 @@ def test_eval_toysubject_names_a_bad_set_before_training(tmp_path, capsys):
     assert main([*args, "--set", "rank=x"]) == 2
     assert "--set rank=x: rank must be int, got 'x'." in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_random_seed_is_refused_under_several_processes(monkeypatch):
+    from pimg.config import resolve_seed
+
+    assert resolve_seed(5) == 5 and 0 <= resolve_seed(-1) < 2**31
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun / accelerate launch set it
+    assert resolve_seed(5) == 5
+    with pytest.raises(InputError, match="--seed -1 cannot be used under a launcher"):
+        resolve_seed(-1)

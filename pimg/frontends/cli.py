@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -103,22 +104,25 @@ def _set_arg(text: str) -> tuple[str, str]:
 def cmd_train(args) -> None:
     from pimg.trainers.personalize import load_train_config, resolve_preset, resume_config, train
 
+    # Under a launcher every process runs this command; the first one speaks for the run.
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     overrides, sources = _train_overrides(args)
     if args.resume:
         out = overrides.get("out_dir")
         config = resume_config(args.method, out, overrides, sources, config_path=args.config)
-        print(f"pimg: settings from {Path(out) / 'config.json'}, the run being resumed")
+        say(f"pimg: settings from {Path(out) / 'config.json'}, the run being resumed")
     else:
         preset = resolve_preset(args.method, args.config, overrides.get("base"))
-        print(
+        say(
             f"pimg: settings from {preset}"
             if preset
             else "pimg: settings from the method's defaults (no preset)"
         )
         config = load_train_config(args.method, preset, overrides, sources)
         if str(overrides.get("loop.seed")) == "-1":
-            print(f"pimg: --seed -1 drew seed {config.loop.seed} (recorded in config.json)")
-    print(f"{args.method} result written to {train(args.method, config, resume=args.resume)}")
+            say(f"pimg: --seed -1 drew seed {config.loop.seed} (recorded in config.json)")
+    out = train(args.method, config, resume=args.resume)
+    say(f"{args.method} result written to {out}")
 
 
 def _train_overrides(args) -> tuple[dict, dict]:
