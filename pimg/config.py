@@ -9,7 +9,6 @@ value the command line gave.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pimg.errors import InputError
+from pimg.errors import InputError, did_you_mean
 
 T = TypeVar("T")
 
@@ -94,8 +93,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = [k for k in data if k not in types_]
     if unknown:
         key = unknown[0]
-        near = difflib.get_close_matches(key, list(types_), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(key, types_)
         raise InputError(f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(types_)}.")
     values = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**values)
@@ -192,8 +190,7 @@ def check_override(cls: type, key: str, value: Any, label: str) -> Any:
     for depth, part in enumerate(parts):
         types_ = _field_types(node)
         if part not in types_:
-            near = difflib.get_close_matches(part, list(types_), n=1)
-            hint = f" Did you mean {'.'.join([*parts[:depth], near[0]])!r}?" if near else ""
+            hint = did_you_mean(part, types_, prefix="".join(f"{p}." for p in parts[:depth]))
             scope = f" in {'.'.join(parts[:depth])}" if depth else ""
             raise InputError(
                 f"{label}: unknown key {part!r}{scope}.{hint} Valid keys{scope}: {', '.join(types_)}."

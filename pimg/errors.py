@@ -19,3 +19,16 @@ class ModelLoadError(PimgError):
 
 class TrainingError(PimgError):
     """Training cannot start or cannot go on (too few photos, NaN loss, bad resume state)."""
+
+
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """ " Did you mean 'x'?" naming the choice closest to `name` (after `prefix`), or "" when none is close.
+
+    Example:
+        >>> did_you_mean("rnak", ["rank", "alpha"])
+        " Did you mean 'rank'?"
+    """
+    import difflib
+
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {prefix + near[0]!r}?" if near else ""

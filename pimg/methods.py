@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pimg.errors import InputError, ModelLoadError
+from pimg.errors import InputError, ModelLoadError, did_you_mean
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 #: Textual Inversion files pimg writes or reads: the SD file, its .bin twin from older tools, SDXL's file.
@@ -250,9 +249,9 @@ def get_method(name: str) -> Method:
     for method in METHODS.values():
         if method.label == name:
             return method
-    close = difflib.get_close_matches(name, list(METHODS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise InputError(f"unknown method {name!r}; the methods are {', '.join(METHODS)}.{hint}")
+    raise InputError(
+        f"unknown method {name!r}; the methods are {', '.join(METHODS)}.{did_you_mean(name, METHODS)}"
+    )
 
 
 def evaluation_variants() -> dict[str, tuple[Method, dict[str, Any]]]:

@@ -20,7 +20,6 @@ A recipe file chains runs: `phases:`, each a short diff from the phase before it
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pimg.config import dotted_to_nested, from_dict, load_config, merge
-from pimg.errors import InputError, TrainingError
+from pimg.errors import InputError, TrainingError, did_you_mean
 from pimg.imaging import grid, to_model_range, to_uint8
 from pimg.toyworld import architecture as arch
 from pimg.toyworld.captions import SceneStream
@@ -298,8 +297,7 @@ def load_recipe(
     if phase is not None:
         names = [p.name for p in phases]
         if phase not in names:
-            near = difflib.get_close_matches(phase, names, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(phase, names)
             raise InputError(f"no phase {phase!r} in {where}.{hint} Its phases: {', '.join(names)}.")
         phases = [p for p in phases if p.name == phase]
     if len(phases) > 1 and extra.get("out_dir"):
