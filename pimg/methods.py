@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -90,6 +91,10 @@ class Method:
 
     def trainer_class(self) -> type:
         return _resolve(self.trainer)
+
+    def has_setting(self, name: str) -> bool:
+        """Does the method's config have a top-level field `name` (e.g. DreamBooth's `class_images_dir`)?"""
+        return name in {f.name for f in dataclasses.fields(self.config_class())}
 
     def recognizes(self, folder: Path) -> bool:
         """Does `folder` hold a result of this method?"""
@@ -326,11 +331,10 @@ def preset_names() -> list[str]:
 
 def preset_path(name: str) -> Path:
     """The installed preset `name` ("lora_tiny" or "lora_tiny.yaml"); an InputError listing them otherwise."""
-    file = name if name.endswith(".yaml") else f"{name}.yaml"
-    found = resources.files("pimg.configs") / file
-    if not found.is_file():
+    found = _installed_preset(name if name.endswith(".yaml") else f"{name}.yaml")
+    if found is None:
         raise InputError(f"no preset named {name!r}; the presets are {', '.join(preset_names())}.")
-    return Path(str(found))
+    return found
 
 
 def builtin_preset(method: str, base: str) -> Path | None:
@@ -343,5 +347,9 @@ def builtin_preset(method: str, base: str) -> Path | None:
 
     if base not in BUILTIN_MODELS:
         return None
-    found = resources.files("pimg.configs") / f"{get_method(method).name}_{base}.yaml"
+    return _installed_preset(f"{get_method(method).name}_{base}.yaml")
+
+
+def _installed_preset(file: str) -> Path | None:
+    found = resources.files("pimg.configs") / file
     return Path(str(found)) if found.is_file() else None

@@ -207,6 +207,11 @@ def recommended_guidance(base: str) -> float:
     """
     if base in BUILTIN_MODELS:
         return BUILTIN_MODELS[base].guidance_scale
-    if (Path(base) / "clip" / "config.json").is_file():
+    if is_toy_model_folder(base):
         return BUILTIN_MODELS["tiny"].guidance_scale
     return 7.5
+
+
+def is_toy_model_folder(base: str) -> bool:
+    """Is `base` a toy-world model folder (a pipeline with its `clip/`, as `pimg toyworld train-base` writes)?"""
+    return (Path(base) / "clip" / "config.json").is_file()

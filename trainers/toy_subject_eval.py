@@ -89,7 +89,7 @@ def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, override
         "loop.steps": config.steps,
         **overrides,
     }
-    if _has_field(method, "class_images_dir"):
+    if method.has_setting("class_images_dir"):
         # class images depend on the class only: share them across subjects
         values.setdefault("class_images_dir", str(run_dir.parent / "class_images" / subject.class_noun))
     return train_method, load_train_config(train_method, preset, values)
@@ -221,12 +221,6 @@ def _load_trained(base: str, result: Path):
         pipe.add(part)
     pipe.pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _has_field(method, name: str) -> bool:
-    import dataclasses
-
-    return name in {f.name for f in dataclasses.fields(method.config_class())}
 
 
 def _format_row(row: dict) -> str:

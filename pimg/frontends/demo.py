@@ -390,7 +390,7 @@ class DemoBackend:
             "loop.sample_every": steps // 4 if steps >= 8 else 0,
         }
         note = ""
-        if "class_images_dir" in _config_fields(entry):
+        if entry.has_setting("class_images_dir"):
             overrides["class_images_dir"] = str(self._class_images_dir(class_noun))
             note = " First the base draws images of the bare class (prior preservation; once per class noun)."
         config = self._train_config(trainer, overrides)
@@ -628,10 +628,6 @@ class DemoBackend:
 def method_labels() -> list[str]:
     """The registered methods' labels, as the Personalize tab lists them (`pimg.methods`)."""
     return [m.label for m in list_methods()]
-
-
-def _config_fields(method) -> set[str]:
-    return {f.name for f in dataclasses.fields(method.config_class())}
 
 
 def _free_name(space: SessionSpace, stem: str) -> str:

@@ -233,11 +233,6 @@ def load_subjects(
     for subject, scale in chosen:
         if not 0.0 <= scale <= 2.0:
             raise InputError(f"scale of {subject.name!r} must be between 0 and 2, got {scale}.")
-        if subject.name in whole and scale != 1.0:
-            raise InputError(
-                f"{subject.name!r} is a {get_method(subject.method).label} subject (a whole model), which has no "
-                "scale; set its scale to 1."
-            )
     loaded = []
     for subject, scale in chosen:
         weights = store.path(subject, subject.weights)

@@ -56,7 +56,7 @@ def choose_guidance(
         >>> choose_guidance("tiny", ["out/sks"])
         (1.0, 'recorded by out/sks')
     """
-    from pimg.models import BUILTIN_MODELS, recommended_guidance
+    from pimg.models import BUILTIN_MODELS, is_toy_model_folder, recommended_guidance
 
     if given is not None:
         if not isinstance(given, int | float) or not math.isfinite(given) or given < 0:
@@ -70,6 +70,6 @@ def choose_guidance(
     value = recommended_guidance(base)
     if base in BUILTIN_MODELS:
         return value, f"{base}'s recommendation"
-    if value == BUILTIN_MODELS["tiny"].guidance_scale and Path(base).is_dir():
+    if is_toy_model_folder(base):
         return value, "tiny's recommendation, for a toy-world model folder"
     return value, "the Stable Diffusion default"

@@ -66,11 +66,6 @@ class GenerationCall:
     width: int
     part_prompts: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def guided(self) -> bool:
-        """Does this call run classifier-free guidance (unconditional rows in the UNet batch)?"""
-        return self.guidance_scale > 1.0
-
 
 class Part:
     """A personalization component applied to a base pipeline (see the module docstring).
