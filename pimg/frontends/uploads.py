@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pimg.errors import InputError
+from pimg.photos import MAX_PHOTO_PIXELS
 
 #: File endings accepted as photos (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -57,8 +58,8 @@ class UploadLimits:
     min_files: int = 1
     max_files: int = 10
     max_bytes: int = 20 * 2**20
-    # The same as the CLI's limit (`pimg.photos.MAX_PHOTO_PIXELS`, where the choice is explained).
-    max_pixels: int = 40_000_000
+    # The CLI's limit (the choice is explained at `pimg.photos.MAX_PHOTO_PIXELS`).
+    max_pixels: int = MAX_PHOTO_PIXELS
     min_side: int = 0
     max_session_bytes: int = 100 * 2**20
     max_total_bytes: int = 2 * 2**30
