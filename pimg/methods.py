@@ -144,7 +144,11 @@ def embedding_parts(folder: Path, *, scale: float = 1.0, name: str | None = None
 
     if scale != 1.0:
         raise InputError(f"{folder} is a Textual Inversion word, which has no scale; use scale 1.")
-    path = next(folder / n for n in EMBEDDING_FILES if (folder / n).is_file())
+    path = next((folder / n for n in EMBEDDING_FILES if (folder / n).is_file()), None)
+    if path is None:  # config.json names the method, but the weights are gone
+        raise ModelLoadError(
+            f"{folder} holds no embedding file ({', '.join(EMBEDDING_FILES)}); train it again."
+        )
     return [EmbeddingPart(path, token=token)]
 
 

@@ -122,6 +122,11 @@ def test_result_folders_become_parts(lora_dir, tmp_path):
     whole.mkdir()
     (whole / "model_index.json").write_text("{}")
     assert load_result(whole).base == str(whole)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "config.json").write_text(json.dumps({"method": "ti"}))
+    with pytest.raises(ModelLoadError, match="holds no embedding file"):
+        load_result(gone)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no result pimg can load"):
         load_result(tmp_path / "empty")
