@@ -282,3 +282,19 @@ def test_list_of_prompts_with_seeds_matches_single_calls(pp):
 def test_non_finite_or_negative_guidance_is_refused(pp, guidance):
     with pytest.raises(InputError, match="guidance_scale must be a finite number >= 0"):
         pp.generate(PROMPT, num_inference_steps=2, guidance_scale=guidance)
+
+
+def test_a_lora_in_a_folder_named_like_a_module_method_loads(pp, bare, lora_dir, tmp_path):
+    # `pimg train` writes to out/train by default; the adapter cannot be called "train" (nn.Module.train).
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(
+        (lora_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    part = pp.add(LoraPart(folder))
+    try:
+        assert part.name == "train" and list(part.adapters()) == ["train_lora"]
+        assert np.abs(_pixels(pp.generate(PROMPT, **FAST)) - bare).max() > 0
+    finally:
+        pp.remove("train")
+    assert np.array_equal(_pixels(pp.generate(PROMPT, **FAST)), bare)

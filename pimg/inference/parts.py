@@ -273,6 +273,9 @@ class LoraPart(Part):
             self.path, self.state_dict = Path(source), None
         super().__init__(name or _adapter_name(self.path))
         self.scale = float(scale)
+        # peft adds each adapter as a submodule under its name, so a name torch modules already use
+        # (a LoRA in `out/train` is "train", the default training folder) would clash with the method.
+        self.adapter_name = f"{self.name}_lora" if hasattr(torch.nn.Module, self.name) else self.name
 
     def attach(self, pipe) -> None:
         from pimg.formats.lora import load_lora_state_dict, prepare_lora_state_dict
@@ -283,17 +286,17 @@ class LoraPart(Part):
         else:
             state_dict = load_lora_state_dict(self.path, components)
         if any(key.startswith("text_encoder") for key in state_dict):
-            pipe.load_lora_weights(state_dict, adapter_name=self.name)
+            pipe.load_lora_weights(state_dict, adapter_name=self.adapter_name)
             return
         # diffusers warns, at length, that a UNet-only LoRA holds no text-encoder keys: expected here.
         with _diffusers_log_level(logging.ERROR):
-            pipe.load_lora_weights(state_dict, adapter_name=self.name)
+            pipe.load_lora_weights(state_dict, adapter_name=self.adapter_name)
 
     def detach(self, pipe) -> None:
-        pipe.delete_adapters(self.name)
+        pipe.delete_adapters(self.adapter_name)
 
     def adapters(self) -> dict[str, float]:
-        return {self.name: self.scale}
+        return {self.adapter_name: self.scale}
 
     def describe(self) -> dict[str, Any]:
         if self.path is None:
