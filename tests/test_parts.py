@@ -40,7 +40,20 @@ PART_FACTORIES = {
         read_safetensors(lora_dir / "lora_kohya.safetensors"), name="kohya_in_memory"
     ),
     "embedding": lambda pp, lora_dir, tmp: EmbeddingPart(_embedding_file(pp, tmp)),
+    "composition": lambda pp, lora_dir, tmp: _composition(pp, lora_dir, tmp),
 }
+
+
+def _composition(pp, lora_dir, folder):
+    from pimg.fusion import Composition, RegionalSubject, parse_region
+
+    word = EmbeddingPart(_embedding_file(pp, folder))
+    return Composition(
+        [
+            RegionalSubject("left_lora", [LoraPart(lora_dir, name="left_lora")], parse_region("left")),
+            RegionalSubject("right_word", [word], parse_region("right")),
+        ]
+    )
 
 
 def _pixels(generated) -> np.ndarray:

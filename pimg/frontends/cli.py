@@ -44,6 +44,10 @@ def cmd_generate(args) -> None:
         negative_prompt=args.negative_prompt,
         loras=args.lora or [],
         embeddings=args.embedding or [],
+        subjects=getattr(args, "subject", None) or [],
+        region_prompts=getattr(args, "region_prompt", None) or [],
+        feather=getattr(args, "feather", 0.0),
+        base_steps=getattr(args, "base_steps", 0),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
@@ -295,6 +299,24 @@ def cmd_eval_toysubject(args) -> None:
     evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
 
 
+def cmd_eval_toycompose(args) -> None:
+    from pimg.trainers.toy_compose_eval import ToyComposeEvalConfig, evaluate_compositions
+
+    config = ToyComposeEvalConfig(
+        pairs=args.pairs,
+        triples=args.triples,
+        subjects=args.subjects,
+        subject_seed=args.subject_seed,
+        images_per_pair=args.images,
+        steps=args.steps,
+        region_prompts=not args.global_prompt_only,
+        base_steps=args.base_steps,
+        guidance_scale=args.guidance,
+        out_dir=args.out,
+    )
+    evaluate_compositions(config)
+
+
 def _checked_set(variant: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
     """--set pairs for a method's config, checked up front so a bad one names its --set before training."""
     from pimg.config import check_override
@@ -540,11 +562,8 @@ def _add_bench_parser(sub) -> None:
     bg.set_defaults(func=cmd_bench_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pimg", description="Personalized text-to-image generation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate images from a base model plus LoRAs and embeddings")
+def _add_generation_arguments(g) -> None:
+    """The arguments `pimg generate` and `pimg compose` share."""
     g.add_argument(
         "--base",
         default="tiny",
@@ -603,7 +622,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="for single-file checkpoints offline: a diffusers folder of the same family (default: "
         "the family's configs from the hub)",
     )
+
+
+def _subject_arg(text: str) -> tuple[str, str | None]:
+    # The region follows the last colon (a box has commas, not colons); none: the default layout.
+    path, sep, region = text.rpartition(":")
+    if not sep or not path or "/" in region and not Path(region).suffix:
+        return text, None
+    return path, region
+
+
+def _add_compose_parser(sub) -> None:
+    c = sub.add_parser(
+        "compose",
+        help="several subjects in one image, each subject's LoRA confined to its region",
+        description="Each --subject is a result folder (LoRA, pivotal or Textual Inversion) and a region: "
+        "left, right, top, bottom, center, top-left, ..., a box x0,y0,x1,y1 in 0-1, or a mask image. "
+        "Regions overlap in proportion; pixels outside every region follow the global --prompt.",
+    )
+    c.add_argument(
+        "--subject",
+        action="append",
+        required=True,
+        type=_subject_arg,
+        metavar="PATH[:REGION]",
+        help="a result folder and its region, e.g. out/dog:left or out/cat:0.5,0,1,1 (repeatable; no regions: "
+        "left/right, thirds or quadrants by count)",
+    )
+    c.add_argument(
+        "--region-prompt",
+        action="append",
+        default=None,
+        help="a subject's own prompt, in --subject order (repeatable; default: the global --prompt)",
+    )
+    c.add_argument(
+        "--feather", type=float, default=0.0, help="soft region edges, a share of the image side (default: %(default)s)"
+    )
+    c.add_argument(
+        "--base-steps",
+        type=int,
+        default=0,
+        help="first steps in which the base lays out the scene alone (default: %(default)s)",
+    )
+    _add_generation_arguments(c)
+    c.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pimg", description="Personalized text-to-image generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from a base model plus LoRAs and embeddings")
+    _add_generation_arguments(g)
     g.set_defaults(func=cmd_generate)
+    _add_compose_parser(sub)
 
     _add_train_parser(sub)
 
@@ -707,6 +779,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ets.add_argument("--out", default=None, help="default: out/eval-toysubject-<method>")
     ets.set_defaults(func=cmd_eval_toysubject)
+    etc = ev_sub.add_parser(
+        "toycompose", help="two or three toy subjects in one image: fusion beside the baselines, by pixels"
+    )
+    etc.add_argument("--pairs", type=int, default=6, help="subject pairs (default: %(default)s)")
+    etc.add_argument("--triples", type=int, default=2, help="three-subject compositions (default: %(default)s)")
+    etc.add_argument(
+        "--subjects",
+        choices=("eval", "generated"),
+        default="eval",
+        help="the fixed evaluation subjects, or subjects from the generator (default: %(default)s)",
+    )
+    etc.add_argument("--subject-seed", type=int, default=0, help="seed of generated subjects (default: %(default)s)")
+    etc.add_argument("--images", type=int, default=16, help="images per pair (default: %(default)s)")
+    etc.add_argument("--steps", type=int, default=None, help="LoRA training steps (default: the preset's)")
+    etc.add_argument("--base-steps", type=int, default=0, help="steps the base lays out alone (default: %(default)s)")
+    etc.add_argument(
+        "--global-prompt-only", action="store_true", help="regions read the global prompt, not their own"
+    )
+    etc.add_argument("--guidance", type=float, default=None, help="default: the LoRAs' recorded guidance")
+    etc.add_argument("--out", default=None, help="default: out/eval-toycompose (subjects' LoRAs are reused)")
+    etc.set_defaults(func=cmd_eval_toycompose)
     _add_metric_parsers(ev_sub)
     _add_bench_parser(sub)
 

@@ -22,6 +22,13 @@ class GenerateRequest:
         guidance_scale: None picks the one the loaded subjects recorded, else the base's (see
             `pimg.inference.guidance.choose_guidance`).
         num_images: images per prompt; image k of a prompt uses seed `seed + k`.
+        subjects: (result folder, region or None) pairs composed in one image (`pimg compose`),
+            each subject's LoRA confined to its region (`pimg.fusion`); regions left out: the
+            default layout for that many subjects.
+        region_prompts: the subjects' own prompts, in the order of `subjects` (fewer: the rest
+            read the global prompt).
+        feather: soft region edges, as a share of the image side.
+        base_steps: steps the base lays out the scene alone before the subjects act.
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
     """
 
@@ -31,6 +38,10 @@ class GenerateRequest:
     negative_prompt: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     embeddings: list[tuple[str, str | None]] = field(default_factory=list)
+    subjects: list[tuple[str, str | None]] = field(default_factory=list)
+    region_prompts: list[str] = field(default_factory=list)
+    feather: float = 0.0
+    base_steps: int = 0
     num_inference_steps: int = 25
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -72,9 +83,25 @@ class GenerateRequest:
                 raise InputError(
                     f"--{name} must be a positive multiple of 8, got {value}; try {max(8, value // 8 * 8)}."
                 )
-        for path, _ in [*self.loras, *self.embeddings]:
+        for path, _ in [*self.loras, *self.embeddings, *self.subjects]:
             if not Path(path).exists():
-                raise InputError(f"{path} does not exist; check the path given to --lora / --embedding.")
+                raise InputError(f"{path} does not exist; check the path given to --lora / --embedding / --subject.")
+        if len(self.region_prompts) > len(self.subjects):
+            raise InputError(
+                f"{len(self.region_prompts)} --region-prompt given for {len(self.subjects)} --subject; give at most "
+                "one per subject, in the same order."
+            )
+        placed = [region is not None for _, region in self.subjects]
+        if any(placed) and not all(placed):
+            missing = [path for path, region in self.subjects if region is None]
+            raise InputError(
+                f"some subjects have a region and {', '.join(missing)} has none: give every --subject a region "
+                "(PATH:left, PATH:0,0,0.5,1 or PATH:mask.png), or none to take the default layout."
+            )
+        if self.subjects and not 0 <= self.base_steps < self.num_inference_steps:
+            raise InputError(
+                f"--base-steps must be between 0 and --steps - 1 ({self.num_inference_steps - 1}), got {self.base_steps}."
+            )
         if self.num_images < 1:
             raise InputError(f"--num-images must be >= 1, got {self.num_images}.")
 
@@ -123,7 +150,10 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         pp.add(EmbeddingPart(path, token))
     for path, scale in request.loras:
         pp.add(LoraPart(path, scale))
-    subjects = [path for path, _ in request.loras] + [path for path, _ in request.embeddings]
+    composition = _composition(request) if request.subjects else None
+    if composition is not None:
+        pp.add(composition)
+    subjects = [path for path, _ in [*request.loras, *request.embeddings, *request.subjects]]
     guidance, source = choose_guidance(request.base, subjects, request.guidance_scale)
     source = "--guidance" if source == "given" else source
     print(f"pimg: guidance {guidance:g} ({source})")
@@ -149,7 +179,27 @@ def run_generate(request: GenerateRequest) -> list[Path]:
             written.append(path)
             records.append({"file": path.name, **generated.settings})
     bar.close()
+    for note in composition.notes if composition is not None else []:
+        print(f"pimg: {note}")
     settings = {"request": asdict(request), "device": device, "dtype": str(dtype), "images": records}
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"pimg: wrote {len(written)} images and settings.json to {out}")
     return written
+
+
+def _composition(request: GenerateRequest):
+    """The `--subject` results as one `Composition` part, each in its region."""
+    from pimg.fusion import Composition, default_regions, parse_region, regional_subject
+
+    if all(region is None for _, region in request.subjects):
+        regions = default_regions(len(request.subjects), feather=request.feather)
+    else:
+        regions = [parse_region(region, feather=request.feather) for _, region in request.subjects]
+    prompts = list(request.region_prompts) + [None] * (len(request.subjects) - len(request.region_prompts))
+    members, names = [], set()
+    for index, ((path, _), region, prompt) in enumerate(zip(request.subjects, regions, prompts, strict=True)):
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        name = folder.name if folder.name not in names else f"{folder.name}_{index}"
+        names.add(name)
+        members.append(regional_subject(path, region, prompt=prompt, name=name))
+    return Composition(members, base_steps=request.base_steps)
