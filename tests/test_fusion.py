@@ -38,7 +38,9 @@ def _second_lora(lora_dir, folder):
     torch.manual_seed(7)
     state = read_safetensors(lora_dir / "pytorch_lora_weights.safetensors")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: torch.randn_like(v) * 0.3 for k, v in state.items()}, folder / "pytorch_lora_weights.safetensors")
+    save_file(
+        {k: torch.randn_like(v) * 0.3 for k, v in state.items()}, folder / "pytorch_lora_weights.safetensors"
+    )
     return folder
 
 
@@ -48,7 +50,9 @@ def _word_result(pp, folder, seed, lora_dir=None):
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    save_embedding(folder / "learned_embeds.safetensors", "zwq", torch.randn(1, pp.pipe.text_encoder.config.hidden_size))
+    save_embedding(
+        folder / "learned_embeds.safetensors", "zwq", torch.randn(1, pp.pipe.text_encoder.config.hidden_size)
+    )
     if lora_dir is not None:
         shutil.copy(lora_dir / "pytorch_lora_weights.safetensors", folder)
     return folder
@@ -75,11 +79,17 @@ def test_one_subject_everywhere_and_one_nowhere_equals_the_first_alone(pp, lora_
 
 def test_each_subjects_lora_acts_only_in_its_region(pp, lora_dir, tmp_path):
     other = _second_lora(lora_dir, tmp_path / "other")
-    pp.add(Composition([regional_subject(lora_dir, "left", name="a"), regional_subject(other, "right", name="b")]))
+    pp.add(
+        Composition(
+            [regional_subject(lora_dir, "left", name="a"), regional_subject(other, "right", name="b")]
+        )
+    )
     layer = pp.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     seen = {}
     handles = [
-        layer.lora_B[name].register_forward_hook(lambda m, i, out, name=name: seen.setdefault(name, out.detach()))
+        layer.lora_B[name].register_forward_hook(
+            lambda m, i, out, name=name: seen.setdefault(name, out.detach())
+        )
         for name in ("a", "b")
     ]
     try:
@@ -132,7 +142,9 @@ def test_a_random_sdxl_pipeline_composes(random_sdxl_dir, tmp_path):
     for seed in (1, 2):
         pipe = load_base(str(random_sdxl_dir))
         torch.manual_seed(seed)
-        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        pipe.unet.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        )
         with torch.no_grad():
             for name, p in pipe.unet.named_parameters():
                 if "lora_B" in name:
@@ -147,7 +159,9 @@ def test_a_random_sdxl_pipeline_composes(random_sdxl_dir, tmp_path):
     fused = _pixels(pp.generate("a star", guidance_scale=3.0, height=64, width=64, **FAST))
     pp.clear()
     assert fused.shape == bare.shape and np.abs(fused - bare).max() > 0
-    assert np.array_equal(_pixels(pp.generate("a star", guidance_scale=3.0, height=64, width=64, **FAST)), bare)
+    assert np.array_equal(
+        _pixels(pp.generate("a star", guidance_scale=3.0, height=64, width=64, **FAST)), bare
+    )
 
 
 def test_a_subject_of_another_family_is_refused(random_tiny_dir, random_sdxl_dir, lora_dir):
@@ -173,7 +187,11 @@ def test_regions_names_boxes_masks_and_overlaps(tmp_path):
     soft, _ = region_weights([parse_region("left", feather=0.1)], 64, 64)
     assert 0.1 < float(soft[0, 32, 32]) < 0.9
     assert [r.box for r in default_regions(2)] == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
-    for bad, message in (("lfet", "Did you mean 'left'"), ("0.5,0,0.2,1", "x0 < x1"), ("nowhere.png", "not a region")):
+    for bad, message in (
+        ("lfet", "Did you mean 'left'"),
+        ("0.5,0,0.2,1", "x0 < x1"),
+        ("nowhere.png", "not a region"),
+    ):
         with pytest.raises(InputError, match=message):
             parse_region(bad)
     with pytest.raises(InputError, match="give each subject a region"):
@@ -184,7 +202,9 @@ def test_whole_model_and_empty_subjects_are_refused(lora_dir):
     with pytest.raises(InputError, match="nothing to apply"):
         RegionalSubject("x", [], parse_region("left"))
     with pytest.raises(InputError, match="names must differ"):
-        Composition([regional_subject(lora_dir, "left", name="a"), regional_subject(lora_dir, "right", name="a")])
+        Composition(
+            [regional_subject(lora_dir, "left", name="a"), regional_subject(lora_dir, "right", name="a")]
+        )
 
 
 def test_pimg_compose_writes_images(random_tiny_dir, lora_dir, tmp_path):

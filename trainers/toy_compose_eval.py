@@ -110,7 +110,10 @@ def reference_overlap(subjects) -> float:
 
 
 def _usable(group, need_backgrounds: int) -> bool:
-    return len(shared_backgrounds(group)) >= need_backgrounds and reference_overlap(group) <= MAX_REFERENCE_OVERLAP
+    return (
+        len(shared_backgrounds(group)) >= need_backgrounds
+        and reference_overlap(group) <= MAX_REFERENCE_OVERLAP
+    )
 
 
 def choose_groups(config: ToyComposeEvalConfig, size: int, count: int) -> list[tuple]:
@@ -122,7 +125,9 @@ def choose_groups(config: ToyComposeEvalConfig, size: int, count: int) -> list[t
         groups = [g for g in itertools.combinations(EVAL_SUBJECTS.values(), size) if _usable(g, need)]
         groups.sort(key=reference_overlap)
         if len(groups) < count:
-            raise InputError(f"only {len(groups)} groups of {size} evaluation subjects qualify; ask for fewer.")
+            raise InputError(
+                f"only {len(groups)} groups of {size} evaluation subjects qualify; ask for fewer."
+            )
         return groups[:count]
     groups, pool = [], subject_stream(config.subject_seed + 1000 * size)
     while len(groups) < count:
@@ -152,7 +157,9 @@ def train_subject(subject, config: ToyComposeEvalConfig, out: Path, progress: bo
     shutil.rmtree(result, ignore_errors=True)
     photos = subject.photos(subject_config.photos_per_subject, seed=subject_config.photo_seed)
     save_photos(
-        run_dir / "photos", photos, [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
+        run_dir / "photos",
+        photos,
+        [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos],
     )
     began = time.time()
     train(train_method, train_config, progress=progress)
@@ -264,7 +271,9 @@ def evaluate_group(pipe, subjects, results: list[Path], config: ToyComposeEvalCo
 
     makers = {
         "fusion": lambda: composed(Composition),
-        "all_loras": lambda: [LoraPart(r / "pytorch_lora_weights.safetensors", name=f"s{i}") for i, r in enumerate(results)],
+        "all_loras": lambda: [
+            LoraPart(r / "pytorch_lora_weights.safetensors", name=f"s{i}") for i, r in enumerate(results)
+        ],
         "separate_passes": lambda: composed(SeparatePasses),
         "single_lora": lambda: [LoraPart(results[0] / "pytorch_lora_weights.safetensors", name="s0")],
     }
@@ -298,7 +307,7 @@ def evaluate_group(pipe, subjects, results: list[Path], config: ToyComposeEvalCo
         finally:
             pipe.clear()
         seconds[method] = elapsed
-        samples[method] = images[:: per_background][: len(backgrounds)]
+        samples[method] = images[::per_background][: len(backgrounds)]
         if method != "single_lora":
             rows[method] = score_images(images, subjects, wanted)
     return rows, seconds, samples
@@ -346,7 +355,9 @@ def evaluate_compositions(config: ToyComposeEvalConfig, progress: bool = True) -
         }
         report_groups.append(entry)
         print(_format_group(entry), flush=True)
-        grid_rows.append([im for method in ("fusion", "all_loras", "separate_passes") for im in samples[method]])
+        grid_rows.append(
+            [im for method in ("fusion", "all_loras", "separate_passes") for im in samples[method]]
+        )
 
     report = {"config": asdict(config), "groups": report_groups, "train_seconds": train_seconds}
     for size in (2, 3):
@@ -355,16 +366,23 @@ def evaluate_compositions(config: ToyComposeEvalConfig, progress: bool = True) -
             report["mean" if size == 2 else "mean_three"] = _means(chosen)
     width = max(len(r) for r in grid_rows)
     blank = np.full_like(grid_rows[0][0], 255)
-    grid([im for r in grid_rows for im in r + [blank] * (width - len(r))], columns=width).save(out / "samples.png")
+    grid([im for r in grid_rows for im in r + [blank] * (width - len(r))], columns=width).save(
+        out / "samples.png"
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
-    print(f"report: {out / 'report.json'}; samples (fusion, all LoRAs, separate passes per row): {out / 'samples.png'}")
+    print(
+        f"report: {out / 'report.json'}; samples (fusion, all LoRAs, separate passes per row): {out / 'samples.png'}"
+    )
     return report
 
 
 def _means(groups: list[dict]) -> dict:
     means = {
-        method: {key: float(np.mean([g["methods"][method][key] for g in groups])) for key in groups[0]["methods"][method]}
+        method: {
+            key: float(np.mean([g["methods"][method][key] for g in groups]))
+            for key in groups[0]["methods"][method]
+        }
         for method in groups[0]["methods"]
     }
     total = {m: sum(g["seconds"][m] for g in groups) for m in METHODS}

@@ -656,7 +656,10 @@ def _add_compose_parser(sub) -> None:
         help="a subject's own prompt, in --subject order (repeatable; default: the global --prompt)",
     )
     c.add_argument(
-        "--feather", type=float, default=0.0, help="soft region edges, a share of the image side (default: %(default)s)"
+        "--feather",
+        type=float,
+        default=0.0,
+        help="soft region edges, a share of the image side (default: %(default)s)",
     )
     c.add_argument(
         "--base-steps",
@@ -783,17 +786,23 @@ def build_parser() -> argparse.ArgumentParser:
         "toycompose", help="two or three toy subjects in one image: fusion beside the baselines, by pixels"
     )
     etc.add_argument("--pairs", type=int, default=6, help="subject pairs (default: %(default)s)")
-    etc.add_argument("--triples", type=int, default=2, help="three-subject compositions (default: %(default)s)")
+    etc.add_argument(
+        "--triples", type=int, default=2, help="three-subject compositions (default: %(default)s)"
+    )
     etc.add_argument(
         "--subjects",
         choices=("eval", "generated"),
         default="eval",
         help="the fixed evaluation subjects, or subjects from the generator (default: %(default)s)",
     )
-    etc.add_argument("--subject-seed", type=int, default=0, help="seed of generated subjects (default: %(default)s)")
+    etc.add_argument(
+        "--subject-seed", type=int, default=0, help="seed of generated subjects (default: %(default)s)"
+    )
     etc.add_argument("--images", type=int, default=16, help="images per pair (default: %(default)s)")
     etc.add_argument("--steps", type=int, default=None, help="LoRA training steps (default: the preset's)")
-    etc.add_argument("--base-steps", type=int, default=0, help="steps the base lays out alone (default: %(default)s)")
+    etc.add_argument(
+        "--base-steps", type=int, default=0, help="steps the base lays out alone (default: %(default)s)"
+    )
     etc.add_argument(
         "--global-prompt-only", action="store_true", help="regions read the global prompt, not their own"
     )

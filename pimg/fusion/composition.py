@@ -184,7 +184,9 @@ class Composition(Part):
             self._processors = dict(pipe.unet.attn_processors)
             pipe.unet.set_attn_processor(
                 {
-                    key: RegionalCrossAttention(self, processor) if key.endswith("attn2.processor") else processor
+                    key: RegionalCrossAttention(self, processor)
+                    if key.endswith("attn2.processor")
+                    else processor
                     for key, processor in self._processors.items()
                 }
             )
@@ -230,7 +232,9 @@ class Composition(Part):
         """The routing of one generation: region weights at latent size and every row's contexts."""
         pipe = self._pipe
         if pipe is None:
-            raise InputError("the composition is not attached to a pipeline; add it with PersonalizedPipeline.add.")
+            raise InputError(
+                "the composition is not attached to a pipeline; add it with PersonalizedPipeline.add."
+            )
         weights, self.notes = region_weights([s.region for s in self.subjects], call.height, call.width)
         for note in self.notes:
             logger.warning(note)

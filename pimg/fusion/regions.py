@@ -75,7 +75,9 @@ class Region:
         if not (isinstance(self.feather, int | float) and math.isfinite(self.feather)) or not (
             0 <= self.feather <= 0.5
         ):
-            raise InputError(f"feather must be between 0 and 0.5 (a share of the image side), got {self.feather!r}.")
+            raise InputError(
+                f"feather must be between 0 and 0.5 (a share of the image side), got {self.feather!r}."
+            )
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             if not all(math.isfinite(v) and 0 <= v <= 1 for v in self.box) or x1 <= x0 or y1 <= y0:
@@ -115,7 +117,9 @@ class Region:
         if self.feather > 0:
             weights = _feather(weights, self.feather * min(height, width))
         if float(weights.max()) <= 0:
-            notes.append(f"region {self.describe()} covers no pixel of the {width}x{height} image: its subject does not appear.")
+            notes.append(
+                f"region {self.describe()} covers no pixel of the {width}x{height} image: its subject does not appear."
+            )
         return weights, notes
 
     def describe(self) -> str:
@@ -167,7 +171,9 @@ def read_mask_image(path: str | Path) -> np.ndarray:
             if "A" in image.getbands():
                 grey = grey * np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as error:
-        raise InputError(f"mask {path} is not an image pimg can read ({error}); give a PNG or JPEG.") from error
+        raise InputError(
+            f"mask {path} is not an image pimg can read ({error}); give a PNG or JPEG."
+        ) from error
     return grey
 
 

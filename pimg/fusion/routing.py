@@ -167,12 +167,16 @@ class RegionalCrossAttention:
         self.owner = owner
         self.fallback = fallback  # the processor it replaced, used when no composed call is running
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
         routing: Routing | None = self.owner.routing
         if routing is None or encoder_hidden_states is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None:
-            raise InputError("regional composition does not take a cross-attention mask; generate without one.")
+            raise InputError(
+                "regional composition does not take a cross-attention mask; generate without one."
+            )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

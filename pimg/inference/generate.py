@@ -85,7 +85,9 @@ class GenerateRequest:
                 )
         for path, _ in [*self.loras, *self.embeddings, *self.subjects]:
             if not Path(path).exists():
-                raise InputError(f"{path} does not exist; check the path given to --lora / --embedding / --subject.")
+                raise InputError(
+                    f"{path} does not exist; check the path given to --lora / --embedding / --subject."
+                )
         if len(self.region_prompts) > len(self.subjects):
             raise InputError(
                 f"{len(self.region_prompts)} --region-prompt given for {len(self.subjects)} --subject; give at most "
