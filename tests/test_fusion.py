@@ -11,7 +11,7 @@ import torch
 from pimg.errors import InputError
 from pimg.fusion import Composition, Region, RegionalSubject, default_regions, parse_region, regional_subject
 from pimg.fusion.regions import region_weights
-from pimg.inference.parts import EmbeddingPart, LoraPart
+from pimg.inference.parts import LoraPart
 from pimg.inference.pipeline import PersonalizedPipeline
 
 FAST = dict(num_inference_steps=3, num_images=2, seed=5)
