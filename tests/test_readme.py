@@ -42,6 +42,10 @@ SKIPPED = (
         "tests/test_toyworld_model.py runs it small",
     ),
     (
+        lambda argv: argv[:2] == ["eval", "toycompose"],
+        "trains 6 subjects' LoRAs and composes 8 groups; tests/test_fusion.py covers its parts",
+    ),
+    (
         lambda argv: argv[:2] == ["eval", "toysubject"],
         "trains and scores 5 subjects; tests/test_trainers.py::test_eval_toysubject_smoke runs one",
     ),
@@ -74,7 +78,7 @@ def skip_reason(argv: list[str]) -> str | None:
 
 def fast(argv: list[str]) -> list[str]:
     """`argv` with the speed flags appended (see the module docstring)."""
-    if argv[0] == "generate":
+    if argv[0] in ("generate", "compose"):
         return [*argv, "--steps", "1"]
     if argv[0] == "train" and "--resume" in argv:
         return [*argv, "--steps", "2"]  # one step more than the run it continues
@@ -101,7 +105,7 @@ def test_the_readme_has_the_commands_this_file_expects():
     assert any(a[:2] == ["train", "lora"] and "--resume" in a for a in COMMANDS)
     assert any("--embedding" in a for a in COMMANDS)
     runnable = [a for a in COMMANDS if skip_reason(a) is None]
-    assert {a[0] for a in runnable} == {"generate", "models", "env", "train"}
+    assert {a[0] for a in runnable} == {"generate", "compose", "models", "env", "train"}
 
 
 @pytest.mark.parametrize("argv", [a for a in COMMANDS if skip_reason(a)], ids=lambda a: " ".join(a[:3])[:50])

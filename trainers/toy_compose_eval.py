@@ -139,6 +139,13 @@ def choose_groups(config: ToyComposeEvalConfig, size: int, count: int) -> list[t
     return groups
 
 
+def lora_method() -> str:
+    """The registered method whose results are LoRA files: what the composed subjects are trained with."""
+    from pimg.methods import LORA_FILE, list_methods
+
+    return next(m.name for m in list_methods() if m.result_files[0] == LORA_FILE)
+
+
 def train_subject(subject, config: ToyComposeEvalConfig, out: Path, progress: bool) -> tuple[Path, float]:
     """The subject's LoRA (trained now, or reused from an earlier run with the same settings); (folder, seconds)."""
     from pimg.photos import save_photos
@@ -148,7 +155,7 @@ def train_subject(subject, config: ToyComposeEvalConfig, out: Path, progress: bo
 
     run_dir = out / "subjects" / subject.name
     result = run_dir / "result"
-    subject_config = ToySubjectEvalConfig(method="lora", base=config.base, steps=config.steps)
+    subject_config = ToySubjectEvalConfig(method=lora_method(), base=config.base, steps=config.steps)
     train_method, train_config = method_config(subject_config, subject, run_dir, {})
     record = result / "config.json"
     if (result / "pytorch_lora_weights.safetensors").is_file() and record.is_file():
