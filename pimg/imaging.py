@@ -30,3 +30,10 @@ def grid(images: list[np.ndarray] | np.ndarray, columns: int, pad: int = 2) -> I
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         canvas[y : y + h, x : x + w] = im[..., :3]
     return Image.fromarray(canvas)
+
+
+def row_grid(rows: list[list[np.ndarray]], pad: int = 2) -> Image.Image:
+    """`grid` with one row per list; shorter rows end in white cells."""
+    width = max(len(r) for r in rows)
+    blank = np.full_like(np.asarray(rows[0][0]), 255)
+    return grid([im for r in rows for im in list(r) + [blank] * (width - len(r))], columns=width, pad=pad)

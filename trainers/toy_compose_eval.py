@@ -329,7 +329,7 @@ def evaluate_compositions(config: ToyComposeEvalConfig, progress: bool = True) -
     Example:
         >>> evaluate_compositions(ToyComposeEvalConfig(pairs=6))["mean"]["fusion"]["margin"]
     """
-    from pimg.imaging import grid
+    from pimg.imaging import row_grid
     from pimg.inference.guidance import choose_guidance
     from pimg.inference.pipeline import PersonalizedPipeline
 
@@ -371,11 +371,7 @@ def evaluate_compositions(config: ToyComposeEvalConfig, progress: bool = True) -
         chosen = [g for g in report_groups if len(g["subjects"]) == size]
         if chosen:
             report["mean" if size == 2 else "mean_three"] = _means(chosen)
-    width = max(len(r) for r in grid_rows)
-    blank = np.full_like(grid_rows[0][0], 255)
-    grid([im for r in grid_rows for im in r + [blank] * (width - len(r))], columns=width).save(
-        out / "samples.png"
-    )
+    row_grid(grid_rows).save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     print(

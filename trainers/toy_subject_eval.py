@@ -173,7 +173,7 @@ def evaluate_subjects(
     Example:
         >>> evaluate_subjects(ToySubjectEvalConfig(method="lora", subjects=5))["mean"]["fidelity"]
     """
-    from pimg.imaging import grid
+    from pimg.imaging import row_grid
     from pimg.inference.pipeline import PersonalizedPipeline
     from pimg.toyworld.subjects import EVAL_SUBJECTS
 
@@ -197,11 +197,7 @@ def evaluate_subjects(
         "subjects": rows,
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
     }
-    width = max(len(r) for r in grid_rows)
-    blank = np.full_like(grid_rows[0][0], 255)
-    grid([im for r in grid_rows for im in r + [blank] * (width - len(r))], columns=width).save(
-        out / "samples.png"
-    )
+    row_grid(grid_rows).save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     print(

@@ -33,7 +33,14 @@ import torch
 from pimg.errors import InputError, ModelLoadError
 from pimg.fusion.regions import Region, parse_region, region_weights, resize_weights
 from pimg.fusion.routing import DeltaRouter, RegionalCrossAttention, Routing
-from pimg.inference.parts import EmbeddingPart, GenerationCall, LoraPart, NoisePrediction, Part
+from pimg.inference.parts import (
+    EmbeddingPart,
+    GenerationCall,
+    LoraPart,
+    NoisePrediction,
+    Part,
+    safe_adapter_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +120,7 @@ def regional_subject(
 
     path = Path(result)
     folder = path if path.is_dir() else path.parent
-    name = _safe_name(name or folder.name)
+    name = safe_adapter_name(name or folder.name) or "subject"
     loaded = load_result(path, scale=scale, name=name)
     if loaded.method.whole_model:
         raise InputError(
@@ -123,10 +130,6 @@ def regional_subject(
     if isinstance(region, str | Path):
         region = parse_region(region, feather=feather)
     return RegionalSubject(name, loaded.parts, region, prompt)
-
-
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in text) or "subject"
 
 
 class Composition(Part):

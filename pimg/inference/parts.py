@@ -364,4 +364,9 @@ class EmbeddingPart(Part):
 
 def _adapter_name(path: Path) -> str:
     stem = path.parent.name if path.name.startswith("pytorch_lora_weights") else path.stem
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in (stem or "adapter"))
+    return safe_adapter_name(stem or "adapter")
+
+
+def safe_adapter_name(text: str) -> str:
+    """`text` with every character but letters, digits and `_` made `_`: a valid peft adapter name."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
