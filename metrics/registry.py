@@ -74,13 +74,13 @@ def _dino(model, pretrained, device, batch_size):
 
 
 def _dlib(model, pretrained, device, batch_size):
-    from pimg.metrics.face import DlibFaceBackend
+    from pimg.faces import DlibFaceBackend
 
     return DlibFaceBackend(model)
 
 
 def _insightface(model, pretrained, device, batch_size):
-    from pimg.metrics.face import DEFAULT_INSIGHTFACE_PACK, InsightFaceBackend
+    from pimg.faces import DEFAULT_INSIGHTFACE_PACK, InsightFaceBackend
 
     return InsightFaceBackend(model or DEFAULT_INSIGHTFACE_PACK, device=str(device))
 

@@ -36,6 +36,8 @@ from pimg.errors import InputError, ModelLoadError, did_you_mean
 LORA_FILE = "pytorch_lora_weights.safetensors"
 #: Textual Inversion files pimg writes or reads: the SD file, its .bin twin from older tools, SDXL's file.
 EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds.bin", "embeddings_sdxl.safetensors")
+#: A subject made from photos with no training (an ID adapter's embedding of them).
+ID_EMBEDDING_FILE = "id_embedding.safetensors"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class Method:
         whole_model: the result folder is a full pipeline, used as the base (DreamBooth).
         flags: method-specific CLI flags.
         variants: evaluation variants, name -> config overrides (`pimg eval toysubject --method`).
+        personalize: for a method whose training is done once for all subjects (an ID adapter),
+            `personalize(photos, out_dir, *, base, model=None) -> Path`: a subject's result folder made
+            from its photos with no training ("module:function" or the function); `pimg eval
+            toysubject` and the demo call it instead of training. None: a subject is trained.
     """
 
     name: str
@@ -85,6 +91,10 @@ class Method:
     whole_model: bool = False
     flags: tuple[Flag, ...] = ()
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    personalize: str | Callable | None = None
+
+    def personalize_function(self) -> Callable | None:
+        return None if self.personalize is None else _resolve(self.personalize)
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -241,6 +251,22 @@ register(
                 "gives each of N vectors its own word",
                 type=str,
             ),
+        ),
+    )
+)
+
+register(
+    Method(
+        name="id-adapter",
+        label="ID adapter",
+        summary="train a tuning-free ID adapter (IP-Adapter / FaceID layout) across many subjects",
+        config="pimg.trainers.id_adapter:IdAdapterTrainConfig",
+        trainer="pimg.trainers.id_adapter:IdAdapterMethod",
+        result_files=(ID_EMBEDDING_FILE, "ip_adapter.safetensors"),
+        parts="pimg.inference.id_adapter:id_adapter_parts",
+        personalize="pimg.inference.id_adapter:personalize",
+        flags=(
+            Flag("--kind", "kind", "clip (IP-Adapter, any subject) or faceid (a face embedding)", type=str),
         ),
     )
 )

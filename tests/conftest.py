@@ -139,3 +139,49 @@ def lora_dir(random_tiny_dir, tmp_path_factory):
     base = load_base(str(random_tiny_dir))
     save_lora(out, state, kohya_components={"unet": base.unet, "text_encoder": base.text_encoder})
     return out
+
+
+def random_faceid_weights(unet, seed: int = 0, lora_rank: int = 4, embed_dim: int = 512) -> dict:
+    """Random weights in the exact key layout of h94's ip-adapter-faceid_sd15.bin, sized for `unet`:
+    `image_proj` = MLPProjModel (proj.0 embed -> 1024, proj.2 1024 -> 4 x cross_dim, norm), and under
+    `ip_adapter`, per attention processor index i, the companion LoRA (to_{q,k,v,out}_lora.{down,up})
+    and for cross-attention layers to_k_ip / to_v_ip."""
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.05  # noqa: E731
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.0.weight": rand(1024, embed_dim),
+        "proj.0.bias": rand(1024),
+        "proj.2.weight": rand(4 * cross, 1024),
+        "proj.2.bias": rand(4 * cross),
+        "norm.weight": 1 + rand(cross),
+        "norm.bias": rand(cross),
+    }
+    modules = dict(unet.named_modules())
+    layers = {}
+    for index, name in enumerate(unet.attn_processors):
+        attention = modules[name.removesuffix(".processor")]
+        hidden, context = attention.to_q.in_features, attention.to_k.in_features
+        for proj, n_in, n_out in (
+            ("to_q", hidden, hidden),
+            ("to_k", context, hidden),
+            ("to_v", context, hidden),
+        ):
+            layers[f"{index}.{proj}_lora.down.weight"] = rand(lora_rank, n_in)
+            layers[f"{index}.{proj}_lora.up.weight"] = rand(n_out, lora_rank) * 4
+        layers[f"{index}.to_out_lora.down.weight"] = rand(lora_rank, hidden)
+        layers[f"{index}.to_out_lora.up.weight"] = rand(hidden, lora_rank) * 4
+        if not name.endswith("attn1.processor"):
+            layers[f"{index}.to_k_ip.weight"] = rand(hidden, cross) * 10
+            layers[f"{index}.to_v_ip.weight"] = rand(hidden, cross) * 10
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+@pytest.fixture(scope="session")
+def faceid_file(random_tiny_dir, tmp_path_factory) -> Path:
+    """A random IP-Adapter-FaceID checkpoint (.bin, the public key layout, with its LoRA) for the random tiny."""
+    from pimg.models import load_base
+
+    path = tmp_path_factory.mktemp("faceid") / "ip-adapter-faceid_sd15.bin"
+    torch.save(random_faceid_weights(load_base(str(random_tiny_dir)).unet), path)
+    return path

@@ -41,7 +41,18 @@ PART_FACTORIES = {
     ),
     "embedding": lambda pp, lora_dir, tmp: EmbeddingPart(_embedding_file(pp, tmp)),
     "composition": lambda pp, lora_dir, tmp: _composition(pp, lora_dir, tmp),
+    "id-adapter-faceid": lambda pp, lora_dir, tmp: _faceid(pp, tmp),
 }
+
+
+def _faceid(pp, folder):
+    from conftest import random_faceid_weights
+
+    from pimg.inference.id_adapter import IdAdapterPart
+
+    path = folder / "ip-adapter-faceid_sd15.bin"
+    torch.save(random_faceid_weights(pp.pipe.unet), path)
+    return IdAdapterPart(path, torch.randn(512, generator=torch.Generator().manual_seed(0)))
 
 
 def _composition(pp, lora_dir, folder):

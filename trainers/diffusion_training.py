@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,25 +62,31 @@ def training_noise_scheduler(scheduler_config):
 
 @dataclass
 class Conditioning:
-    """UNet conditioning for a batch: hidden states, and for SDXL the pooled embedding and time ids."""
+    """UNet conditioning for a batch: hidden states, for SDXL the pooled embedding and time ids, and
+    for a UNet with an IP-Adapter loaded its image embeddings ([N, 1, D], diffusers' layout)."""
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
-    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+    def added_cond_kwargs(self) -> dict | None:
+        added = {} if self.image_embeds is None else {"image_embeds": [self.image_embeds]}
         if self.pooled is None:
-            return None
+            return added or None
         if self.time_ids is None:
             raise InputError("SDXL conditioning needs time ids; pass them with `with_time_ids`.")
-        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids, **added}
 
     def with_time_ids(self, time_ids: torch.Tensor) -> Conditioning:
-        return Conditioning(self.prompt_embeds, self.pooled, time_ids.to(self.prompt_embeds))
+        return dataclasses.replace(self, time_ids=time_ids.to(self.prompt_embeds))
+
+    def with_image_embeds(self, image_embeds: torch.Tensor) -> Conditioning:
+        return dataclasses.replace(self, image_embeds=image_embeds.to(self.prompt_embeds))
 
     def to(self, device, dtype=None) -> Conditioning:
         move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-        return Conditioning(move(self.prompt_embeds), move(self.pooled), move(self.time_ids))
+        return Conditioning(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:

@@ -47,6 +47,12 @@ class ToySubjectEvalConfig:
             recorded (`choose_guidance`), else the base's; the base and drift images use the same
             guidance, so the three fidelities compare.
         seed: seed of the first generated image of each prompt.
+        scales: also score the result at each of these scales (LoRA scale, ID adapter scale); a sweep
+            table is printed. Empty: only at 1.
+        beside: a report.json of another method's run on the same subjects and seeds (e.g. LoRA's):
+            its figures are printed next to these.
+        model: for a method that personalizes without training (an ID adapter), the model it uses
+            (adapter file or folder); None: the one shipped for the base.
         out_dir: report, sample grid and per-subject runs; None: `out/eval-toysubject-<method>`.
     """
 
@@ -62,6 +68,9 @@ class ToySubjectEvalConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = None
     seed: int = 1234
+    scales: tuple[float, ...] = ()
+    model: str | None = None
+    beside: str | None = None
     out_dir: str | None = None
 
     def __post_init__(self):
@@ -128,25 +137,44 @@ def evaluate_subject(
 
     run_dir = out / subject.name
     shutil.rmtree(run_dir / "result", ignore_errors=True)
-    train_method, train_config = method_config(config, subject, run_dir, overrides)
     photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
-    captions = None
-    if config.caption_backgrounds:
-        captions = [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
-    save_photos(run_dir / "photos", photos, captions)
-
+    method = evaluation_variants()[config.method][0]
+    personalize = method.personalize_function()
+    class_words = f"a {subject.class_noun}"
     began = time.time()
-    result = train(train_method, train_config, progress=progress)
+    if personalize is not None:
+        # No training: the subject is its photos' embedding, used with the plain class prompt (a
+        # user gives the photo, not a caption of it).
+        base = config.base
+        result = personalize(photos, run_dir / "result", base=base, model=config.model)
+        subject_words, record = class_words, {"model": config.model}
+    else:
+        train_method, train_config = method_config(config, subject, run_dir, overrides)
+        captions = None
+        if config.caption_backgrounds:
+            captions = [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
+        save_photos(run_dir / "photos", photos, captions)
+        result = train(train_method, train_config, progress=progress)
+        base, subject_words = train_config.base, f"a {train_config.token} {subject.class_noun}"
+        record = config_record(train_config)
     train_seconds = time.time() - began
     # The guidance a user of the result gets (the one it recorded, unless --guidance is given); the
     # base's images are drawn at the same guidance so the fidelities compare.
-    guidance, _ = choose_guidance(train_config.base, [result], config.guidance_scale)
-    class_words = f"a {subject.class_noun}"
+    guidance, _ = choose_guidance(base, [result], config.guidance_scale)
     _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
-    trained = _load_trained(train_config.base, result)
-    token_words = f"a {train_config.token} {subject.class_noun}"
-    images, fidelity, background = score(trained, subject, token_words, config, guidance)
-    _, drift, _ = score(trained, subject, class_words, config, guidance)
+    trained = _load_trained(base, result)
+    images, fidelity, background = score(trained, subject, subject_words, config, guidance)
+    # Drift (the class noun taking on the subject) needs a token; without one it is the fidelity itself.
+    drift = (
+        fidelity
+        if subject_words == class_words
+        else score(trained, subject, class_words, config, guidance)[1]
+    )
+    by_scale = {}
+    for scale in config.scales:
+        scaled = trained if scale == 1.0 else _load_trained(base, result, scale=scale)
+        _, scale_fidelity, scale_background = score(scaled, subject, subject_words, config, guidance)
+        by_scale[f"{scale:g}"] = {"fidelity": scale_fidelity, "background_accuracy": scale_background}
     shutil.rmtree(result / "checkpoints", ignore_errors=True)  # the result is saved; keep the disk free
     row = {
         "subject": subject.name,
@@ -159,7 +187,8 @@ def evaluate_subject(
         "drift_fidelity": drift,
         "train_seconds": train_seconds,
         "guidance_scale": guidance,
-        "train_config": config_record(train_config),
+        "by_scale": by_scale,
+        "train_config": record,
     }
     per_bg = config.images_per_background
     return row, list(photos), [images[i * per_bg] for i in range(len(subject.backgrounds))]
@@ -200,18 +229,20 @@ def evaluate_subjects(
     row_grid(grid_rows).save(out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
+    if config.beside:
+        print(format_beside(report, json.loads(Path(config.beside).read_text())))
     print(
         f"report: {out / 'report.json'}; samples (photos, then one image per background): {out / 'samples.png'}"
     )
     return report
 
 
-def _load_trained(base: str, result: Path):
+def _load_trained(base: str, result: Path, scale: float = 1.0):
     """The trained result loaded the way a user loads it (`pimg.methods.load_result`): its parts on
     the base, or its folder as the base for a whole-model method."""
     from pimg.inference.pipeline import PersonalizedPipeline
 
-    loaded = load_result(result)
+    loaded = load_result(result, scale=scale)
     pipe = PersonalizedPipeline.from_base(loaded.base or base)
     for part in loaded.parts:
         pipe.add(part)
@@ -233,4 +264,44 @@ def format_report(report: dict) -> str:
     lines = [f"method: {report['config']['method']}, base: {report['config']['base']}"]
     lines += [_format_row(r) for r in report["subjects"]]
     lines.append(_format_row({"subject": "MEAN", **mean}))
+    scales = list(report["subjects"][0].get("by_scale", {})) if report["subjects"] else []
+    if scales:
+        lines.append("scale sweep (mean over subjects):")
+        for scale in scales:
+            rows = [r["by_scale"][scale] for r in report["subjects"]]
+            fidelity = np.mean([r["fidelity"] for r in rows])
+            background = np.mean([r["background_accuracy"] for r in rows])
+            lines.append(f"  scale {scale:>5s}  fidelity {fidelity:.3f}  background {100 * background:5.1f}%")
+    return "\n".join(lines)
+
+
+def format_beside(report: dict, other: dict) -> str:
+    """This run's per-subject fidelity and backgrounds next to another method's on the same subjects."""
+    mine, theirs = report["config"], other["config"]
+    for key in ("seed", "images_per_background", "num_inference_steps"):
+        if mine[key] != theirs[key]:
+            raise InputError(
+                f"the --beside report used {key}={theirs[key]}, this run {mine[key]}: not comparable."
+            )
+    rows = {r["subject"]: r for r in other["subjects"]}
+    a, b = mine["method"], theirs["method"]
+    lines = [f"{'subject':28s} {a + ' fid':>14s} {b + ' fid':>14s} {a + ' bg':>12s} {b + ' bg':>12s}"]
+    shared = [r for r in report["subjects"] if r["subject"] in rows]
+    for r in shared:
+        o = rows[r["subject"]]
+        lines.append(
+            f"{r['subject']:28s} {r['fidelity']:14.3f} {o['fidelity']:14.3f} "
+            f"{100 * r['background_accuracy']:11.1f}% {100 * o['background_accuracy']:11.1f}%"
+        )
+    if shared:
+        mean = lambda rs, k: float(np.mean([x[k] for x in rs]))  # noqa: E731
+        others = [rows[r["subject"]] for r in shared]
+        lines.append(
+            f"{'MEAN (' + str(len(shared)) + ' subjects)':28s} {mean(shared, 'fidelity'):14.3f} "
+            f"{mean(others, 'fidelity'):14.3f} {100 * mean(shared, 'background_accuracy'):11.1f}% "
+            f"{100 * mean(others, 'background_accuracy'):11.1f}%"
+        )
+        lines.append(
+            f"{'time per subject (s)':28s} {mean(shared, 'train_seconds'):14.1f} {mean(others, 'train_seconds'):14.1f}"
+        )
     return "\n".join(lines)

@@ -48,6 +48,11 @@ def cmd_generate(args) -> None:
         region_prompts=getattr(args, "region_prompt", None) or [],
         feather=getattr(args, "feather", 0.0),
         base_steps=getattr(args, "base_steps", 0),
+        id_adapter=getattr(args, "id_adapter", None),
+        id_images=getattr(args, "id_image", None) or [],
+        id_embedding=getattr(args, "id_embedding", None),
+        id_scale=getattr(args, "id_scale", 1.0),
+        face_backend=getattr(args, "face_backend", None),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
@@ -294,6 +299,10 @@ def cmd_eval_toysubject(args) -> None:
         guidance_scale=args.guidance,
         out_dir=args.out,
         method_config=args.config,
+        photos_per_subject=args.photos,
+        scales=tuple(args.scales) if args.scales else None,
+        model=args.model,
+        beside=args.beside,
     )
     config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
     evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
@@ -315,6 +324,15 @@ def cmd_eval_toycompose(args) -> None:
         out_dir=args.out,
     )
     evaluate_compositions(config)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write numbers separated by commas, e.g. 0,0.5,1"
+        ) from exc
 
 
 def _checked_set(variant: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -562,6 +580,39 @@ def _add_bench_parser(sub) -> None:
     bg.set_defaults(func=cmd_bench_generate)
 
 
+def _add_id_adapter_arguments(g) -> None:
+    """`pimg generate`'s tuning-free subject: an ID adapter and a photo (or an embedding)."""
+    g.add_argument(
+        "--id-adapter",
+        metavar="PATH",
+        help="IP-Adapter / IP-Adapter-FaceID file or folder (`pimg train id-adapter` output); 'default' or "
+        "left out with --id-image: the one shipped for the base (tiny)",
+    )
+    g.add_argument(
+        "--id-image",
+        action="append",
+        metavar="PHOTO",
+        help="photo of the subject or face the ID adapter conditions on (repeatable: embeddings averaged)",
+    )
+    g.add_argument(
+        "--id-embedding",
+        metavar="FILE",
+        help="a ready embedding (.safetensors or .npy) instead of --id-image",
+    )
+    g.add_argument(
+        "--id-scale",
+        type=float,
+        default=1.0,
+        help="weight of the image prompt, 0 to 1 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--face-backend",
+        choices=("insightface", "dlib"),
+        default=None,
+        help="face embedder of a FaceID adapter (default: the one it records, else insightface)",
+    )
+
+
 def _add_generation_arguments(g) -> None:
     """The arguments `pimg generate` and `pimg compose` share."""
     g.add_argument(
@@ -677,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a base model plus LoRAs and embeddings")
     _add_generation_arguments(g)
+    _add_id_adapter_arguments(g)
     g.set_defaults(func=cmd_generate)
     _add_compose_parser(sub)
 
@@ -779,6 +831,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_set_arg,
         metavar="KEY=VALUE",
         help="a method config key for every subject's training, e.g. rank=4 (repeatable)",
+    )
+    ets.add_argument("--photos", type=int, default=None, help="photos per subject (default 4)")
+    ets.add_argument(
+        "--scales",
+        type=_float_list,
+        default=None,
+        help="also score at these scales, e.g. 0,0.25,0.5,0.75,1 (LoRA or ID adapter scale)",
+    )
+    ets.add_argument(
+        "--model", default=None, help="ID adapter file or folder (default: the one shipped for the base)"
+    )
+    ets.add_argument(
+        "--beside", default=None, help="report.json of another method on the same subjects, shown beside"
     )
     ets.add_argument("--out", default=None, help="default: out/eval-toysubject-<method>")
     ets.set_defaults(func=cmd_eval_toysubject)

@@ -29,6 +29,11 @@ class GenerateRequest:
             read the global prompt).
         feather: soft region edges, as a share of the image side.
         base_steps: steps the base lays out the scene alone before the subjects act.
+        id_adapter: an ID adapter (IP-Adapter / FaceID file or folder; "default": the base's shipped one).
+        id_images: photos the ID adapter conditions on (their embeddings are averaged).
+        id_embedding: a ready embedding file instead of `id_images`.
+        id_scale: the ID adapter's weight.
+        face_backend: a FaceID adapter's face embedder (None: the one it records, else insightface).
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
     """
 
@@ -42,6 +47,11 @@ class GenerateRequest:
     region_prompts: list[str] = field(default_factory=list)
     feather: float = 0.0
     base_steps: int = 0
+    id_adapter: str | None = None
+    id_images: list[str] = field(default_factory=list)
+    id_embedding: str | None = None
+    id_scale: float = 1.0
+    face_backend: str | None = None
     num_inference_steps: int = 25
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -106,6 +116,21 @@ class GenerateRequest:
             )
         if self.num_images < 1:
             raise InputError(f"--num-images must be >= 1, got {self.num_images}.")
+        if self.id_adapter is not None and not (self.id_images or self.id_embedding):
+            raise InputError(
+                "--id-adapter needs the subject: pass --id-image PHOTO (or --id-embedding FILE)."
+            )
+        if self.id_images and self.id_embedding:
+            raise InputError("give --id-image or --id-embedding, not both.")
+        if not math.isfinite(self.id_scale) or self.id_scale < 0:
+            raise InputError(
+                f"--id-scale must be a finite number >= 0 (0 = off, 1 = full), got {self.id_scale}."
+            )
+        for path in [*self.id_images, *([self.id_embedding] if self.id_embedding else [])]:
+            if not Path(path).is_file():
+                raise InputError(
+                    f"{path} does not exist; check the path given to --id-image / --id-embedding."
+                )
 
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts)
@@ -152,6 +177,10 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         pp.add(EmbeddingPart(path, token))
     for path, scale in request.loras:
         pp.add(LoraPart(path, scale))
+    if request.id_images or request.id_embedding:
+        from pimg.inference.id_adapter import part_from_request
+
+        pp.add(part_from_request(request))
     composition = _composition(request) if request.subjects else None
     if composition is not None:
         pp.add(composition)

@@ -55,6 +55,8 @@ class GenerationCall:
         part_prompts: per-part prompts, by part name (only parts with `takes_prompt`).
         seeds: one seed per image.
         num_inference_steps, guidance_scale, height, width: as in diffusers.
+        images_per_prompt: diffusers' `num_images_per_prompt` of the call (`prompts` holds each
+            prompt that many times in a row).
     """
 
     prompts: list[str]
@@ -65,6 +67,7 @@ class GenerationCall:
     height: int
     width: int
     part_prompts: dict[str, str] = field(default_factory=dict)
+    images_per_prompt: int = 1
 
 
 class Part:

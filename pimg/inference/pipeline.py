@@ -243,6 +243,7 @@ class PersonalizedPipeline:
             height=height,
             width=width,
             part_prompts=part_prompts,
+            images_per_prompt=num_images,
         )
         # CPU generators: the same seed gives the same image on CPU and GPU.
         kwargs: dict[str, Any] = dict(

@@ -1,4 +1,5 @@
-"""Face identity: detect, align, embed, compare (the ID metric of face personalization papers).
+"""Face identity: detect, align, embed, compare (the ID adapter's face embedder and the ID metric of
+face personalization papers).
 
 Two backends with one interface (`detect` returns faces largest first; `features` embeds each
 image's largest face, a NaN row when there is none):
@@ -21,9 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pimg.errors import ModelLoadError
-from pimg.metrics.base import cosine_matrix
-from pimg.metrics.images import ImageLike, load_image
+from pimg.embedders import pil_images
+from pimg.errors import InputError, ModelLoadError
+
+#: A photo: a path, a uint8 array (H, W, 3) or a PIL image.
+ImageLike = str | Path | np.ndarray
+
+
+def load_image(image: ImageLike):
+    """Any photo form as an RGB PIL image."""
+    return pil_images([image])[0]
+
 
 DEFAULT_INSIGHTFACE_PACK = "buffalo_l"
 
@@ -65,7 +74,11 @@ class _FaceBackend:
         return torch.from_numpy(np.stack(rows).astype(np.float32)) if rows else torch.empty(0, self.dim)
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return cosine_matrix(a, b)
+        """Cosine similarity of every row of `a` with every row of `b` (NaN rows stay NaN)."""
+        return (
+            torch.nn.functional.normalize(a.float(), dim=-1)
+            @ torch.nn.functional.normalize(b.float(), dim=-1).T
+        )
 
 
 class DlibFaceBackend(_FaceBackend):
@@ -214,3 +227,56 @@ class InsightFaceBackend(_FaceBackend):
             for f in self.app.get(bgr)
         ]
         return sorted(faces, key=lambda f: -f.area)
+
+
+class ScrfdDetector(_FaceBackend):
+    """insightface's SCRFD face detector alone, from one `.onnx` file (e.g. `det_500m.onnx` of buffalo_sc,
+    `det_10g.onnx` of buffalo_l): boxes and scores, no identity embedding (`embedding` is empty).
+
+    For checking what a photo shows (no face, several faces) where no recognition model is at hand.
+
+    Example:
+        >>> faces = ScrfdDetector("models/det_500m.onnx").detect("couple.jpg")
+        >>> len(faces)
+        2
+    """
+
+    dim = 0
+
+    def __init__(self, model_file: str | Path, *, det_size: int = 640, threshold: float = 0.5):
+        try:
+            from insightface.model_zoo.scrfd import SCRFD
+        except ImportError as exc:
+            raise ModelLoadError(
+                "SCRFD detection needs insightface and onnxruntime: install them with `pip install 'pimg[face]'`."
+            ) from exc
+        path = Path(model_file)
+        if not path.is_file():
+            raise ModelLoadError(f"SCRFD model file {path} is missing; pass the detector's .onnx file.")
+        self.model = SCRFD(str(path))
+        self.model.prepare(-1, input_size=(det_size, det_size), det_thresh=threshold)
+        self.description = {"backend": "scrfd", "model": str(path), "det_size": det_size}
+
+    def detect(self, image: ImageLike) -> list[Face]:
+        bgr = np.ascontiguousarray(np.asarray(load_image(image))[:, :, ::-1])
+        boxes, _ = self.model.detect(bgr)
+        faces = [Face(tuple(float(v) for v in b[:4]), float(b[4]), np.zeros(0, np.float32)) for b in boxes]
+        return sorted(faces, key=lambda f: -f.area)
+
+
+#: Face backends by name: `face_backend(name, model)`.
+FACE_BACKENDS = {"insightface": InsightFaceBackend, "dlib": DlibFaceBackend}
+
+
+def face_backend(name: str, model: str | Path | None = None) -> _FaceBackend:
+    """The face backend `name` ("insightface" or "dlib") with its model files (None: the default).
+
+    Example:
+        >>> face_backend("dlib").detect("me.jpg")[0].embedding.shape
+        (128,)
+    """
+    if name not in FACE_BACKENDS:
+        raise InputError(f"face backend {name!r} is not one of {', '.join(FACE_BACKENDS)}.")
+    if name == "insightface":
+        return InsightFaceBackend(model or DEFAULT_INSIGHTFACE_PACK)
+    return DlibFaceBackend(model)

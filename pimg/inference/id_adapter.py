@@ -1,0 +1,275 @@
+"""The ID adapter as a part: an IP-Adapter (or IP-Adapter-FaceID) file and a subject's embedding.
+
+`IdAdapterPart` loads the adapter with diffusers' own `pipe.load_ip_adapter` (decoupled
+cross-attention processors and the image projection) and gives each call the subject's embedding as
+`ip_adapter_image_embeds`, so an image made through pimg is the image plain diffusers makes from the
+same file and embedding. FaceID's companion LoRA, when the file holds one, is diffusers' peft
+adapter `faceid_0`; the part owns it, so it stays active beside any LoRA added next to it.
+
+A subject "made" with an ID adapter is a result folder like any other (`personalize`): its
+embedding (`id_embedding.safetensors`, the mean over its photos) and a `config.json` naming the
+adapter, so the demo's subject store, `pimg generate --subject` and `pimg eval toysubject` use it
+as they use a trained LoRA.
+
+Example:
+    >>> part = IdAdapterPart(default_adapter("tiny"), ClipImageEmbedder(...).embed([photo]), scale=0.8)
+    >>> pp.add(part); pp.generate("a star on a green background")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pimg.errors import InputError, ModelLoadError
+from pimg.formats.ip_adapter import (
+    IpAdapterInfo,
+    check_embedding,
+    check_ip_adapter,
+    describe_ip_adapter,
+    find_ip_adapter_file,
+    read_ip_adapter,
+)
+from pimg.inference.parts import GenerationCall, Part
+from pimg.methods import ID_EMBEDDING_FILE
+
+#: The adapter name diffusers gives FaceID's companion LoRA (`load_ip_adapter`, first adapter).
+FACEID_LORA_ADAPTER = "faceid_0"
+#: Folder of the trained toy adapter shipped with pimg (IP-Adapter layout + `image_encoder/`).
+TOY_ADAPTER = "tiny_id_adapter"
+
+
+def default_adapter(base: str) -> Path | None:
+    """The ID adapter shipped for a built-in base (`tiny`), or None."""
+    from pimg.models import ASSETS
+
+    folder = ASSETS / TOY_ADAPTER
+    return folder if base == "tiny" and folder.is_dir() else None
+
+
+def resolve_adapter(adapter: str | Path | None, base: str) -> Path:
+    """The adapter file for `--id-adapter` (a file, a folder holding one, or None: the base's shipped one)."""
+    if adapter is None or str(adapter) == "default":
+        found = default_adapter(base)
+        if found is None:
+            raise InputError(
+                f"no ID adapter ships for base {base!r}: pass --id-adapter FILE (an IP-Adapter-FaceID .bin or "
+                "safetensors, or a folder `pimg train id-adapter` wrote)."
+            )
+        adapter = found
+    return find_ip_adapter_file(adapter)
+
+
+def load_adapter_into(pipe, weights: dict, scale: float = 1.0) -> None:
+    """Load an IP-Adapter state dict with diffusers' loader, without an image encoder (embeddings are given)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)  # it warns that no image encoder is loaded: intended
+    try:
+        pipe.load_ip_adapter(weights, subfolder="", weight_name="", image_encoder_folder=None)
+    finally:
+        diffusers_logging.set_verbosity(before)
+    pipe.set_ip_adapter_scale(scale)
+
+
+def image_embeds_argument(embedding: torch.Tensor, rows: int, guided: bool) -> torch.Tensor:
+    """A subject's embedding [D] as one entry of diffusers' `ip_adapter_image_embeds` for `rows` prompts.
+
+    Shape [rows, 1, D], with as many zero rows in front under classifier-free guidance: the
+    unconditional image embedding diffusers uses for IP-Adapter (`encode_image`) and FaceID (its docs).
+    """
+    one = embedding.reshape(1, 1, -1).float()
+    positive = one.repeat(rows, 1, 1)
+    return torch.cat([torch.zeros_like(positive), positive]) if guided else positive
+
+
+class IdAdapterPart(Part):
+    """An IP-Adapter / FaceID adapter driven by a subject's embedding, at a scale.
+
+    Args:
+        adapter: the adapter file (`.bin` or `.safetensors`), or a folder holding one.
+        embedding: the subject's embedding, [D] or [N, D] (N photos: their mean is used).
+        scale: the image prompt's weight (`set_ip_adapter_scale`; 0 = the base alone).
+        name: the part's name.
+    """
+
+    kind = "id_adapter"
+
+    def __init__(
+        self, adapter: str | Path, embedding: torch.Tensor, scale: float = 1.0, name: str = "id_adapter"
+    ):
+        super().__init__(name)
+        self.path = find_ip_adapter_file(adapter)
+        self.weights = read_ip_adapter(self.path)
+        self.info: IpAdapterInfo = describe_ip_adapter(self.weights)
+        embedding = torch.as_tensor(embedding, dtype=torch.float32)
+        if embedding.ndim == 2:
+            embedding = embedding.mean(0)
+        check_embedding(self.info, embedding, str(self.path))
+        self.embedding = embedding
+        self.scale = float(scale)
+
+    def attach(self, pipe) -> None:
+        if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+            raise InputError(
+                "this pipeline already has an IP-Adapter loaded; pimg applies one ID adapter at a time. "
+                "Remove the other one first."
+            )
+        check_ip_adapter(self.info, pipe.unet, str(self.path))
+        load_adapter_into(pipe, self.weights, self.scale)
+
+    def detach(self, pipe) -> None:
+        pipe.unload_ip_adapter()
+        if self.info.has_lora:
+            pipe.delete_adapters(FACEID_LORA_ADAPTER)
+
+    def adapters(self) -> dict[str, float]:
+        return {FACEID_LORA_ADAPTER: 1.0} if self.info.has_lora else {}
+
+    def call_arguments(self, call: GenerationCall) -> dict[str, Any]:
+        rows = len(call.prompts) // call.images_per_prompt  # diffusers repeats each row per image
+        guided = call.guidance_scale > 1
+        return {"ip_adapter_image_embeds": [image_embeds_argument(self.embedding, rows, guided)]}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "adapter": str(self.path),
+            "adapter_kind": self.info.kind,
+            "scale": self.scale,
+            "faceid_lora": self.info.has_lora,
+        }
+
+
+def embedder_for(adapter_file: Path, face_backend: str | None = None, face_model: str | None = None):
+    """The embedder an adapter takes: its `image_encoder/` (CLIP kind), or a face backend (FaceID)."""
+    from pimg.embedders import ClipImageEmbedder, FaceEmbedder
+    from pimg.formats.safetensors_io import read_safetensors_metadata
+
+    info = describe_ip_adapter(read_ip_adapter(adapter_file))
+    if info.kind == "faceid":
+        from pimg.faces import face_backend as make_backend
+
+        recorded = ""
+        if adapter_file.suffix == ".safetensors":
+            recorded = read_safetensors_metadata(adapter_file).get("pimg.embedder", "")
+        backend = face_backend or (
+            recorded.removeprefix("face:") if recorded.startswith("face:") else "insightface"
+        )
+        return FaceEmbedder(make_backend(backend, face_model))
+    encoder = adapter_file.parent / "image_encoder"
+    if not (encoder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{adapter_file} takes CLIP image embeddings, but no image_encoder/ folder lies beside it. Put the "
+            "CLIP vision model it was trained with there (h94/IP-Adapter: models/image_encoder), or pass "
+            "--id-embedding FILE."
+        )
+    return ClipImageEmbedder(encoder)
+
+
+def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str | Path | None = None) -> Path:
+    """A subject's result folder made from its photos with no training: their embedding and the adapter.
+
+    Args:
+        photos: the photos (a folder, paths, or uint8 arrays).
+        out_dir: the result folder to write.
+        base: the base the adapter is for (picks the shipped adapter when `model` is None).
+        model: the adapter file or folder; None: the one shipped for `base`.
+
+    Returns:
+        `out_dir`, holding `id_embedding.safetensors` and `config.json` (method id-adapter).
+    """
+    from pimg.formats.safetensors_io import write_safetensors_atomically
+    from pimg.photos import PHOTO_SUFFIXES
+
+    adapter = resolve_adapter(model, base)
+    if isinstance(photos, str | Path):
+        folder = Path(photos)
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder of photos.")
+        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+        if not photos:
+            raise InputError(f"{folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}).")
+    embedder = embedder_for(adapter)
+    names = [str(p) if isinstance(p, str | Path) else f"photo {i + 1}" for i, p in enumerate(photos)]
+    embedding = (
+        embedder.embed(list(photos), names) if embedder.kind == "face" else embedder.embed(list(photos))
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors_atomically(out / ID_EMBEDDING_FILE, {"embedding": embedding}, {"format": "pt"})
+    record = {
+        "method": "id-adapter",
+        "base": base,
+        "adapter": str(adapter.resolve()),
+        "photos": len(names),
+        "faces": getattr(embedder, "reports", None),
+    }
+    (out / "config.json").write_text(json.dumps(record, indent=2))
+    return out
+
+
+def id_adapter_parts(folder: Path, *, scale: float = 1.0, name: str | None = None, token: str | None = None):
+    """A subject folder `personalize` wrote -> its `IdAdapterPart`."""
+    from pimg.formats.safetensors_io import read_safetensors
+
+    folder = Path(folder)
+    if not (folder / ID_EMBEDDING_FILE).is_file():
+        raise InputError(
+            f"{folder} is an ID adapter, not a subject: give it a photo, e.g. `pimg generate --id-adapter "
+            f"{folder} --id-image photo.png`, or make a subject folder with `personalize`."
+        )
+    record = json.loads((folder / "config.json").read_text())
+    embedding = read_safetensors(folder / ID_EMBEDDING_FILE, what="ID embedding file")["embedding"]
+    return [IdAdapterPart(record["adapter"], embedding, scale=scale, name=name or "id_adapter")]
+
+
+def read_embedding_file(path: str | Path) -> torch.Tensor:
+    """A ready embedding: a `.safetensors` file holding one tensor (or `embedding`), or a `.npy` array."""
+    import numpy as np
+
+    from pimg.formats.safetensors_io import read_safetensors
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path} cannot be read as a .npy array ({exc}).") from exc
+        return torch.from_numpy(np.asarray(array, np.float32))
+    if path.suffix != ".safetensors":
+        raise InputError(f"{path}: an embedding file is .safetensors or .npy.")
+    tensors = read_safetensors(path, what="embedding file")
+    if "embedding" in tensors:
+        return tensors["embedding"].float()
+    if len(tensors) != 1:
+        raise InputError(
+            f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}); name the embedding 'embedding'."
+        )
+    return next(iter(tensors.values())).float()
+
+
+def part_from_request(request) -> IdAdapterPart:
+    """`pimg generate --id-adapter/--id-image/--id-embedding` as a part; says which face was used."""
+    adapter = resolve_adapter(request.id_adapter, request.base)
+    if request.id_embedding:
+        embedding = read_embedding_file(request.id_embedding)
+    else:
+        embedder = embedder_for(adapter, request.face_backend)
+        if embedder.kind == "face":
+            embedding = embedder.embed(request.id_images, request.id_images)
+            for report in embedder.reports:
+                if report["faces"] > 1:
+                    print(
+                        f"pimg: {report['photo']} shows {report['faces']} faces; used the largest, at "
+                        f"{report['used_box']} (left, top, right, bottom)"
+                    )
+        else:
+            embedding = embedder.embed(request.id_images)
+    print(f"pimg: ID adapter {adapter} at scale {request.id_scale:g}")
+    return IdAdapterPart(adapter, embedding, scale=request.id_scale)

@@ -1,0 +1,191 @@
+"""The ID adapter (IP-Adapter / IP-Adapter-FaceID): formats, the part against plain diffusers, training.
+
+Plain diffusers is the reference: an image made through pimg's `IdAdapterPart` must be the image
+`pipe.load_ip_adapter` + `ip_adapter_image_embeds` (or `ip_adapter_image`) makes from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pimg.errors import InputError, ModelLoadError
+from pimg.formats.ip_adapter import (
+    cross_attention_layers,
+    describe_ip_adapter,
+    read_ip_adapter,
+    save_ip_adapter,
+)
+from pimg.inference.id_adapter import IdAdapterPart, image_embeds_argument
+from pimg.inference.parts import LoraPart
+from pimg.inference.pipeline import PersonalizedPipeline
+from pimg.models import load_base
+
+PROMPT = "a star on a blue background"
+FAST = dict(num_inference_steps=3, guidance_scale=4.0, height=64, width=64)
+
+
+def _plain(pipe, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        PROMPT, generator=[torch.Generator().manual_seed(5)], output_type="pil", **FAST, **kwargs
+    ).images
+    return np.asarray(images[0], dtype=np.int16)
+
+
+def _pimg(pp) -> np.ndarray:
+    pp.pipe.set_progress_bar_config(disable=True)
+    generated = pp.generate(PROMPT, seed=5, **FAST)
+    return np.asarray(generated[0].image, dtype=np.int16)
+
+
+def test_public_faceid_file_gives_the_images_of_plain_diffusers(random_tiny_dir, faceid_file):
+    embedding = torch.randn(512, generator=torch.Generator().manual_seed(2))
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+    before = _pimg(pp)
+    pp.add(IdAdapterPart(faceid_file, embedding, scale=0.7))
+    ours = _pimg(pp)
+
+    plain = load_base(str(random_tiny_dir))
+    plain.load_ip_adapter(
+        str(faceid_file.parent), subfolder="", weight_name=faceid_file.name, image_encoder_folder=None
+    )
+    plain.set_ip_adapter_scale(0.7)
+    embeds = torch.cat([torch.zeros(1, 1, 512), embedding.reshape(1, 1, 512)])
+    theirs = _plain(plain, ip_adapter_image_embeds=[embeds])
+
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - before).max() > 10  # the adapter changed the image: the comparison is not vacuous
+    pp.remove("id_adapter")
+    assert np.array_equal(_pimg(pp), before)  # detach gives back the base's images
+
+
+def test_faceid_lora_stays_active_beside_another_lora(random_tiny_dir, faceid_file, lora_dir):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+    pp.add(IdAdapterPart(faceid_file, torch.ones(512)))
+    pp.add(LoraPart(lora_dir, name="subject"))
+    layer = next(
+        m for m in pp.pipe.unet.modules() if isinstance(m, BaseTunerLayer) and "faceid_0" in m.scaling
+    )
+    assert set(layer.active_adapters) == {"faceid_0", "subject"}
+    pp.clear()
+    assert "faceid_0" not in getattr(pp.pipe.unet, "peft_config", {})
+
+
+def test_faceid_file_is_described_and_its_safetensors_form_reads_the_same(faceid_file, tmp_path):
+    weights = read_ip_adapter(faceid_file)
+    info = describe_ip_adapter(weights)
+    assert (info.kind, info.embed_dim, info.cross_attention_dim, info.num_tokens, info.has_lora) == (
+        "faceid",
+        512,
+        128,
+        4,
+        True,
+    )
+    copy = save_ip_adapter(tmp_path / "ip_adapter.safetensors", weights)
+    again = read_ip_adapter(copy)
+    assert all(torch.equal(again[s][k], weights[s][k]) for s in weights for k in weights[s])
+
+
+def test_bad_embeddings_and_bases_are_refused(faceid_file, random_sdxl_dir):
+    with pytest.raises(InputError, match="has 128 numbers.*512-d ArcFace"):
+        IdAdapterPart(faceid_file, torch.zeros(128))
+    pp = PersonalizedPipeline.from_base(str(random_sdxl_dir))
+    with pytest.raises(ModelLoadError, match="cross-attention width 128.*Use the adapter made for this base"):
+        pp.add(IdAdapterPart(faceid_file, torch.zeros(512)))
+    assert not pp.parts
+
+
+def test_not_an_ip_adapter_is_refused(tmp_path, lora_dir):
+    with pytest.raises(ModelLoadError, match="not an IP-Adapter file"):
+        read_ip_adapter(lora_dir / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelLoadError, match="holds no IP-Adapter file"):
+        read_ip_adapter(tmp_path)
+
+
+def test_embeds_argument_puts_zero_rows_first_under_guidance():
+    e = torch.arange(3.0)
+    guided = image_embeds_argument(e, rows=2, guided=True)
+    assert guided.shape == (4, 1, 3)
+    assert torch.equal(guided[:2], torch.zeros(2, 1, 3)) and torch.equal(guided[2, 0], e)
+    assert image_embeds_argument(e, rows=2, guided=False).shape == (2, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(random_tiny_dir, tmp_path_factory):
+    """2 training steps on the random tiny, with its random CLIP's vision tower as the image encoder."""
+    from pimg.trainers.id_adapter import IdAdapterTrainConfig
+    from pimg.trainers.loop import LoopConfig
+    from pimg.trainers.personalize import train
+
+    out = tmp_path_factory.mktemp("id_train") / "adapter"
+    config = IdAdapterTrainConfig(
+        base=str(random_tiny_dir),
+        image_encoder=str(random_tiny_dir / "clip"),
+        out_dir=str(out),
+        batch_size=2,
+        sample_subjects=1,
+        num_inference_steps=2,
+        loop=LoopConfig(steps=2, learning_rate=1e-3, checkpoint_every=1),
+    )
+    return train("id-adapter", config, progress=False)
+
+
+def test_two_training_steps_write_an_adapter_diffusers_loads_with_its_image_encoder(
+    random_tiny_dir, trained_adapter
+):
+    from pimg.embedders import ClipImageEmbedder
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    assert json.loads((trained_adapter / "config.json").read_text())["method"] == "id-adapter"
+    assert (trained_adapter / "samples").is_dir() and (trained_adapter / "checkpoints").is_dir()
+    weights = read_ip_adapter(trained_adapter)
+    info = describe_ip_adapter(weights)
+    start = load_base(str(random_tiny_dir)).unet
+    assert (info.kind, info.embed_dim, info.num_layers) == ("clip", 128, len(cross_attention_layers(start)))
+    # what trained moved: the key/value layers started as copies of to_k / to_v
+    to_k = dict(start.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn2"].to_k.weight
+    assert not torch.equal(weights["ip_adapter"]["1.to_k_ip.weight"], to_k)
+
+    photo = next(iter(EVAL_SUBJECTS.values())).photos(1, seed=0)[0]
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+    embedding = ClipImageEmbedder(trained_adapter / "image_encoder").embed([photo])
+    pp.add(IdAdapterPart(trained_adapter, embedding))
+    ours = _pimg(pp)
+
+    from PIL import Image
+
+    plain = load_base(str(random_tiny_dir))
+    plain.load_ip_adapter(str(trained_adapter), subfolder="", weight_name="ip_adapter.safetensors")
+    theirs = _plain(plain, ip_adapter_image=Image.fromarray(photo))
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_training_resumes_exactly(trained_adapter, tmp_path):
+    from pimg.trainers.personalize import resume_config, train
+
+    config = resume_config("id-adapter", str(trained_adapter), {"loop.steps": 3})
+    train("id-adapter", config, resume=True, progress=False)
+    assert json.loads((trained_adapter / "config.json").read_text())["loop"]["steps"] == 3
+
+
+def test_personalized_subject_folder_loads_as_a_result(random_tiny_dir, trained_adapter, tmp_path):
+    from pimg.methods import detect_method, load_result
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    subject = next(iter(EVAL_SUBJECTS.values()))
+    method = detect_method(trained_adapter)  # the adapter folder names its method...
+    assert method.name == "id-adapter"
+    with pytest.raises(InputError, match="give it a photo"):
+        load_result(trained_adapter)  # ...but is no subject without a photo
+    folder = method.personalize_function()(
+        subject.photos(2, seed=1), tmp_path / "sub", base="x", model=trained_adapter
+    )
+    loaded = load_result(folder, scale=0.5)
+    (part,) = loaded.parts
+    assert isinstance(part, IdAdapterPart) and part.scale == 0.5 and part.embedding.shape == (128,)

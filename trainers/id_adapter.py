@@ -1,0 +1,440 @@
+"""Tuning-free ID adapter (IP-Adapter, Ye et al. 2023; IP-Adapter-FaceID): train the image prompt once,
+then personalize from one photo with no training.
+
+What learns: the image projection (embedding -> 4 tokens of cross-attention width) and, beside each
+cross-attention layer, the decoupled keys and values `to_k_ip`, `to_v_ip` (initialised from the
+layer's `to_k` / `to_v`, so at step 0 the image tokens are read like text tokens). The UNet, VAE, text
+encoder and the image embedder stay frozen. The model is diffusers' own: the adapter is loaded with
+`pipe.load_ip_adapter` and trained through the same attention processors that generate with it, so
+what is trained is what a user loads.
+
+Data: each example conditions on one photo of a subject and takes the loss on another photo of it
+(Ye et al. train on image-caption pairs of one image; here the two photos differ in size, position and
+background, so the adapter learns the subject, not the photo's layout). About 5% of examples drop the
+image embedding (zeros, the unconditional embedding diffusers uses), 5% the text and 5% both, so
+classifier-free guidance works at inference (Ye et al., sec. 3.3). On `tiny` the subjects come from
+the toy world's unlimited subject generator (never an evaluation subject); on real bases from a
+folder of subjects (`data/<subject>/*.jpg` with optional `.txt` captions), encoded once.
+
+Output: `ip_adapter.safetensors` in IP-Adapter's layout (`pimg.formats.ip_adapter`), the image
+encoder as `image_encoder/` (CLIP kind), a model card, `config.json` and sample grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pimg.errors import InputError, TrainingError
+from pimg.trainers.diffusion_training import (
+    TextConditioner,
+    denoising_loss,
+    encode_latents,
+    sdxl_time_ids,
+    training_noise_scheduler,
+)
+from pimg.trainers.loop import LoopConfig, Shard
+
+KINDS = ("clip", "faceid")
+
+
+@dataclass
+class IdAdapterTrainConfig:
+    """Settings of `pimg train id-adapter`.
+
+    Attributes:
+        base: base model the adapter is trained for.
+        kind: "clip" (IP-Adapter: a CLIP image embedding, for any subject) or "faceid" (FaceID: a face
+            identity embedding through an MLP projection).
+        image_encoder: CLIP vision model (hub id or folder) for the clip kind; None: the toy CLIP's
+            vision tower on `tiny` (required on other bases).
+        face_backend: "insightface" (ArcFace 512-d, the public FaceID checkpoints' embedding) or "dlib"
+            (128-d, CC0 models) for the faceid kind.
+        face_model: the face backend's model files (insightface pack folder; dlib .dat folder); None: default.
+        data: "toy" (subjects from the toy world's generator, `tiny` only) or a folder of subject folders.
+        caption: caption of a photo without a sidecar `.txt` in a data folder.
+        out_dir: where the adapter, checkpoints, samples and logs go.
+        resolution: training size; None: the base's native size.
+        batch_size: subjects per micro-batch (one conditioning photo and one target photo each).
+        num_tokens: image tokens per cross-attention layer (IP-Adapter and FaceID use 4).
+        image_drop, text_drop, both_drop: shares of examples trained without the image, the text or both.
+        noise_offset, min_snr_gamma: as in the base's training (see `denoising_loss`).
+        sample_subjects: subjects shown in the sample grid (generated ones, not evaluation subjects).
+        num_inference_steps, guidance_scale: settings of the sample grid; guidance None: the base's.
+        loop: the training loop's settings.
+    """
+
+    base: str = "tiny"
+    kind: str = "clip"
+    image_encoder: str | None = None
+    face_backend: str = "insightface"
+    face_model: str | None = None
+    data: str = "toy"
+    caption: str = "a photo"
+    out_dir: str = "out/id-adapter"
+    resolution: int | None = None
+    batch_size: int = 8
+    num_tokens: int = 4
+    image_drop: float = 0.05
+    text_drop: float = 0.05
+    both_drop: float = 0.05
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    sample_subjects: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2000, learning_rate=1e-4))
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"kind {self.kind!r} is not one of {KINDS}.")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.num_tokens < 1:
+            raise InputError(f"num_tokens must be >= 1, got {self.num_tokens}.")
+        drops = (self.image_drop, self.text_drop, self.both_drop)
+        if any(d < 0 for d in drops) or sum(drops) >= 1:
+            raise InputError(
+                f"image_drop, text_drop and both_drop must be >= 0 and sum below 1; got {drops}."
+            )
+        if self.data == "toy" and self.kind != "clip":
+            raise InputError("the toy world has no faces: data 'toy' trains the clip kind only.")
+
+
+def toy_image_encoder() -> Path:
+    """The toy CLIP (its vision tower is the toy adapter's image encoder)."""
+    from pimg.models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS["tiny"].folder / "clip"
+
+
+def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
+    """The frozen embedder the adapter is conditioned on (`pimg.embedders`)."""
+    from pimg.embedders import ClipImageEmbedder, FaceEmbedder
+
+    if config.kind == "faceid":
+        from pimg.faces import face_backend
+
+        return FaceEmbedder(face_backend(config.face_backend, config.face_model))
+    source = config.image_encoder
+    if source is None:
+        if config.base != "tiny":
+            raise InputError(
+                "image_encoder is needed on bases other than tiny: a CLIP vision hub id or folder."
+            )
+        source = toy_image_encoder()
+    return ClipImageEmbedder(source, device=device)
+
+
+def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int) -> dict:
+    """A fresh adapter in IP-Adapter's layout: a randomly initialised projection (torch's Linear init,
+    LayerNorm at identity) and `to_k_ip` / `to_v_ip` copied from each cross-attention layer's `to_k` / `to_v`."""
+    from pimg.formats.ip_adapter import cross_attention_layers
+
+    width = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def linear(n_in: int, n_out: int, prefix: str) -> dict:
+        bound = 1 / np.sqrt(n_in)  # torch.nn.Linear's default init
+        weight = (torch.rand(n_out, n_in, generator=generator) * 2 - 1) * bound
+        bias = (torch.rand(n_out, generator=generator) * 2 - 1) * bound
+        return {f"{prefix}.weight": weight, f"{prefix}.bias": bias}
+
+    if kind == "clip":
+        proj = linear(embed_dim, num_tokens * width, "proj")
+    else:
+        hidden = 1024 if embed_dim >= 512 else 4 * embed_dim  # FaceID's MLPProjModel: 512 -> 1024
+        proj = {**linear(embed_dim, hidden, "proj.0"), **linear(hidden, num_tokens * width, "proj.2")}
+    proj |= {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    modules = dict(unet.named_modules())
+    layers = {}
+    names = list(unet.attn_processors)
+    for name in cross_attention_layers(unet):
+        index = names.index(name)
+        attention = modules[name.removesuffix(".processor")]
+        layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+        layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+@dataclass
+class IdBatch:
+    """Target latents, their captions, the conditioning photos' embeddings [N, D], and SDXL time ids."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    embeds: torch.Tensor
+    time_ids: torch.Tensor | None
+    rows: list[int]
+    num_rows: int
+
+
+class IdAdapterMethod:
+    """Trains the image projection and the decoupled key/value layers of an IP-Adapter."""
+
+    def __init__(self, config: IdAdapterTrainConfig):
+        from accelerate import PartialState
+
+        from pimg.inference.id_adapter import load_adapter_into
+        from pimg.models import load_base
+
+        self.config = config
+        self.device = PartialState().device
+        self.shard = Shard.of_process()
+        self.pipe = load_base(config.base)
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            self.pipe.text_encoder_2.requires_grad_(False)
+        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
+        self.resolution = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.embedder = build_embedder(config)
+        self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
+        self.conditioner = TextConditioner.from_pipeline(self.pipe)
+        self.subjects = None if config.data == "toy" else SubjectFolders(config, self)
+        if config.data == "toy" and config.base != "tiny" and not Path(config.base).is_dir():
+            raise InputError(
+                "data 'toy' trains on toy-world photos: use it with base tiny (or a toy base folder)."
+            )
+        load_adapter_into(
+            self.pipe,
+            initial_adapter(
+                self.pipe.unet, config.kind, self.embedder.dim, config.num_tokens, config.loop.seed
+            ),
+        )
+        self.processors = torch.nn.ModuleList(
+            p for p in self.pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")
+        )
+        self.projection = self.pipe.unet.encoder_hid_proj
+        for module in (self.processors, self.projection):
+            module.requires_grad_(True).float()
+        self.pipe.to(self.device)
+        self._sample_inputs = None
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def trainable_modules(self):
+        return {"image_proj": self.projection, "ip_layers": self.processors}
+
+    def trainable_parameters(self):
+        return [p for m in (self.projection, self.processors) for p in m.parameters()]
+
+    def batch(self, step: int, micro: int, seed: int) -> IdBatch:
+        b = self.config.batch_size
+        num_rows = b * self.shard.num_processes
+        rng = np.random.default_rng([seed, step, micro])
+        pairs = self.subjects.pairs(rng, num_rows) if self.subjects else toy_pairs(rng, num_rows)
+        rows = list(self.shard.rows(b))
+        mine = [pairs[r] for r in rows]
+        draws = rng.random(num_rows)[rows]
+        c = self.config
+        drop_image = draws < c.image_drop + c.both_drop
+        drop_text = (draws >= c.image_drop) & (draws < c.image_drop + c.both_drop + c.text_drop)
+        if self.subjects:
+            latents = torch.stack([self.subjects.latents[t] for _, t, _ in mine])
+            embeds = torch.stack([self.subjects.embeds[i] for i, _, _ in mine])
+        else:
+            latents = encode_latents(self.pipe.vae, np.stack([t for _, t, _ in mine]))
+            embeds = self.embedder.embed([i for i, _, _ in mine])
+        embeds[torch.from_numpy(drop_image)] = 0
+        prompts = ["" if drop else caption for (_, _, caption), drop in zip(mine, drop_text, strict=True)]
+        time_ids = None
+        if self.sdxl:
+            size = (self.resolution, self.resolution)
+            time_ids = sdxl_time_ids(size, (0, 0), size).repeat(len(mine), 1)
+        return IdBatch(latents, prompts, embeds, time_ids, rows, num_rows)
+
+    def loss(self, batch: IdBatch, generator: torch.Generator):
+        with torch.no_grad():
+            cond = self.conditioner.encode(batch.prompts)
+        if batch.time_ids is not None:
+            cond = cond.with_time_ids(batch.time_ids)
+        cond = cond.with_image_embeds(batch.embeds[:, None]).to(self.device)
+        per_example = denoising_loss(
+            self.pipe.unet,
+            self.noise_scheduler,
+            batch.latents.to(self.device),
+            cond,
+            generator,
+            noise_offset=self.config.noise_offset,
+            min_snr_gamma=self.config.min_snr_gamma,
+            rows=batch.rows,
+            num_rows=batch.num_rows,
+        )
+        return per_example.mean(), {}
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def sample(self, step: int, out_dir: Path) -> Path | None:
+        """A grid: per sample subject its conditioning photo, then images at adapter scale 0 and 1."""
+        from pimg.imaging import row_grid
+        from pimg.inference.id_adapter import image_embeds_argument
+
+        if self.config.sample_subjects < 1:
+            return None
+        if self._sample_inputs is None:
+            self._sample_inputs = self._sample_subjects()
+        c = self.config
+        guidance = c.guidance_scale if c.guidance_scale is not None else _base_guidance(c.base)
+        rows = []
+        for photo, caption in self._sample_inputs:
+            embeds = self._embed_for_sampling(photo)
+            images = [np.asarray(photo.convert("RGB") if hasattr(photo, "convert") else photo)]
+            for scale in (0.0, 1.0):
+                self.pipe.set_ip_adapter_scale(scale)
+                out = self.pipe(
+                    [caption] * 2,
+                    ip_adapter_image_embeds=[image_embeds_argument(embeds, 2, guidance > 1)],
+                    num_inference_steps=c.num_inference_steps,
+                    guidance_scale=guidance,
+                    generator=[torch.Generator().manual_seed(k) for k in range(2)],
+                    height=self.resolution,
+                    width=self.resolution,
+                    output_type="np",
+                ).images
+                images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+            rows.append(images)
+        self.pipe.set_ip_adapter_scale(1.0)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"sample_{step:07d}.png"
+        row_grid(rows).save(path)
+        return path
+
+    def _sample_subjects(self) -> list:
+        if self.subjects:
+            return self.subjects.sample_inputs(self.config.sample_subjects)
+        from pimg.toyworld.subjects import random_subject
+
+        rng = np.random.default_rng(10_007)  # fixed, so samples of every step show the same subjects
+        out = []
+        for _ in range(self.config.sample_subjects):
+            subject = random_subject(rng)
+            background = subject.backgrounds[0]
+            out.append(
+                (subject.photos(1, seed=int(rng.integers(2**31)))[0], toy_caption(subject, background))
+            )
+        return out
+
+    @torch.no_grad()
+    def _embed_for_sampling(self, photo) -> torch.Tensor:
+        return self.embedder.embed([photo]).to(self.device)
+
+    def save(self, out_dir: Path) -> None:
+        from pimg.formats.ip_adapter import IP_ADAPTER_FILE, ip_adapter_from_unet, save_ip_adapter
+
+        c = self.config
+        metadata = {
+            "pimg.method": "id-adapter",
+            "pimg.kind": c.kind,
+            "pimg.base": c.base,
+            "pimg.embedder": self.embedder_description(),
+        }
+        save_ip_adapter(out_dir / IP_ADAPTER_FILE, ip_adapter_from_unet(self.pipe.unet), metadata)
+        if c.kind == "clip":
+            self.embedder.model.save_pretrained(str(out_dir / "image_encoder"), safe_serialization=True)
+        self.write_model_card(out_dir)
+
+    def embedder_description(self) -> str:
+        c = self.config
+        if c.kind == "faceid":
+            return f"face:{c.face_backend}"
+        return "clip:image_encoder"
+
+    def write_model_card(self, out_dir: Path) -> None:
+        c = self.config
+        base = c.base
+        usage = (
+            "```python\n"
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+            f'pipe.load_ip_adapter("{out_dir}", subfolder="", weight_name="ip_adapter.safetensors"'
+            + (
+                ', image_encoder_folder="image_encoder")\n'
+                if c.kind == "clip"
+                else ", image_encoder_folder=None)\n"
+            )
+            + "pipe.set_ip_adapter_scale(0.8)\n"
+            + (
+                'image = pipe("a photo", ip_adapter_image=photo).images[0]\n'
+                if c.kind == "clip"
+                else 'image = pipe("a photo", ip_adapter_image_embeds=[face_embeds]).images[0]\n'
+            )
+            + "```\n\n"
+            f"pimg: `pimg generate --base {base} --id-adapter {out_dir} --id-image photo.png --prompt ...`\n"
+        )
+        text = (
+            f"# ID adapter ({'IP-Adapter' if c.kind == 'clip' else 'IP-Adapter-FaceID'} layout)\n\n"
+            f"Base: `{base}`; embedder: {self.embedder_description()}; {c.loop.steps} steps, batch {c.batch_size}, "
+            f"data: {c.data}.\n\nSample grid: `samples/` (per subject: its photo, two images at scale 0, two "
+            "at scale 1).\n\n## Use\n\n" + usage
+        )
+        (out_dir / "README.md").write_text(text)
+
+
+def _base_guidance(base: str) -> float:
+    from pimg.models import recommended_guidance
+
+    return recommended_guidance(base)
+
+
+def toy_caption(subject, background: str) -> str:
+    """The caption of a toy subject's photo: its class noun and background, nothing of its look."""
+    return f"a {subject.class_noun} on a {background} background"
+
+
+def toy_pairs(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """n (conditioning photo, target photo, target caption) triples of random training subjects."""
+    from pimg.toyworld.checker import read_background
+    from pimg.toyworld.subjects import random_subject
+
+    out = []
+    for _ in range(n):
+        subject = random_subject(rng)
+        condition, target = subject.photos(2, seed=int(rng.integers(2**31)))
+        out.append((condition, target, toy_caption(subject, read_background(target))))
+    return out
+
+
+class SubjectFolders:
+    """A folder of subject folders (`data/<subject>/*.jpg`, `.txt` captions optional), encoded once.
+
+    Each subject needs at least 2 photos (one to condition on, another to take the loss on). The
+    VAE latents and the embeddings of every photo are computed at start and kept (the encoders are frozen).
+    """
+
+    def __init__(self, config: IdAdapterTrainConfig, method: IdAdapterMethod):
+        from pimg.photos import load_photos
+
+        root = Path(config.data)
+        if not root.is_dir():
+            raise InputError(f"data {config.data!r} is neither 'toy' nor a folder of subject folders.")
+        self.latents, self.embeds, self.captions, self.groups, self.photos = [], [], [], [], []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            photos = load_photos(folder, method.resolution)
+            if len(photos) < 2:
+                continue
+            embeds = method.embedder.embed(list(photos.images), [str(p) for p in photos.paths])
+            latents = encode_latents(method.pipe.vae, photos.images)
+            start = len(self.latents)
+            self.latents += list(latents)
+            self.embeds += list(embeds)
+            self.captions += [cap or config.caption for cap in photos.captions]
+            self.photos += list(photos.images)
+            self.groups.append(list(range(start, start + len(photos))))
+        if not self.groups:
+            raise TrainingError(f"{root} holds no subject folder with 2 or more usable photos.")
+
+    def pairs(self, rng: np.random.Generator, n: int) -> list[tuple[int, int, str]]:
+        out = []
+        for _ in range(n):
+            group = self.groups[rng.integers(len(self.groups))]
+            condition, target = rng.choice(group, size=2, replace=False)
+            out.append((int(condition), int(target), self.captions[target]))
+        return out
+
+    def sample_inputs(self, n: int) -> list:
+        return [(self.photos[g[0]], self.captions[g[1]]) for g in self.groups[:n]]
