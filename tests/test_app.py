@@ -19,7 +19,15 @@ import torch
 from PIL import Image
 
 from pimg.errors import InputError, ModelLoadError
-from pimg.frontends.demo import BASE_CHOICE, DemoBackend, strip_tokens
+from pimg.frontends.demo import (
+    BASE_CHOICE,
+    COMPOSE_REGIONS,
+    DRAWN_MASK,
+    DemoBackend,
+    Placement,
+    drawn_mask,
+    strip_tokens,
+)
 from pimg.frontends.subject_store import (
     SavedSubject,
     SessionSpace,
@@ -82,7 +90,7 @@ def test_build_demo_loads_no_model(tmp_path):
     import gradio as gr
 
     tabs = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
-    assert tabs == ["Personalize", "Generate", "Evaluate"]  # no Compose until the library has one
+    assert tabs == ["Personalize", "Generate", "Evaluate", "Compose"]
     assert not list(tmp_path.iterdir())  # nothing written either
 
 
@@ -491,6 +499,107 @@ def test_other_methods_save_subjects_that_generate(tmp_path, random_tiny_dir, me
         list(backend.personalize(session, photos, method, token, "star", 1, "mine"))
 
 
+# ------------------------------------------------------------------------------------------ compose
+
+
+def _save_subject(backend: DemoBackend, session: str, name: str, lora: Path | None = None, **fields):
+    """As if `session` had trained subject `name` on the backend's base: a LoRA, with `lora`'s weights."""
+    store = backend.space(session).store
+    folder = store.create(name)
+    if lora is not None:
+        shutil.copytree(lora, folder / "train")
+    settings = {"method": "lora", "token": "sks", "class_noun": "star", "base": backend.base} | fields
+    store.save(SavedSubject(name=name, weights="train", **settings))
+
+
+def test_compose_places_saved_subjects_in_their_regions(tmp_path, random_tiny_dir, lora_dir):
+    import numpy as np
+
+    backend = DemoBackend(str(random_tiny_dir), tmp_path / "out", "cpu")
+    session = backend.new_session()
+    for name in ("star", "circle"):  # one token for both: routing, not vocabulary, keeps them apart
+        _save_subject(backend, session, name, lora_dir)
+    # The sketchpad's value: a transparent canvas with paint on its right half.
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[:, 16:] = (31, 111, 235, 255)
+    mask = drawn_mask({"background": None, "layers": [layer], "composite": None})
+    assert mask.shape == (32, 32) and mask[:, :16].max() == 0 and mask[:, 16:].min() == 1
+    result = backend.compose(
+        session,
+        [
+            Placement("star", "left", "a sks star on a blue background"),
+            Placement("circle", DRAWN_MASK, mask=mask),
+            Placement(None, "top"),  # an empty slot
+        ],
+        "a sks star at the left and a sks circle at the right on a blue background",
+        seed=3,
+        num_inference_steps=2,
+        num_images=2,
+        feather=0.05,
+    )
+    space = backend.space(session)
+    assert len(result.images) == 2 and all(space.owns(p).is_file() for p in result.images)
+    assert result.subjects == ["star", "circle"] and result.tokens == ["sks"]
+    assert any("resized" in note for note in result.notes)  # the 32 px mask, on a 64 px image
+    (part,) = result.settings[0]["parts"]
+    assert part["kind"] == "composition"
+    regions = [(s["name"], s["region"], s["prompt"]) for s in part["subjects"]]
+    assert regions == [
+        ("star", "left", "a sks star on a blue background"),
+        ("circle", "drawn mask of circle", None),
+    ]
+    assert [s["seed"] for s in result.settings] == [3, 4] and result.settings[0]["subjects"] == [
+        "star",
+        "circle",
+    ]
+    assert backend.pipeline().parts == {}  # the shared pipeline is left bare for the next person
+
+
+def test_compose_refuses_bad_choices_before_loading_a_model(tmp_path):
+    import gradio as gr
+
+    from pimg.fusion.regions import NAMED_REGIONS
+
+    assert set(COMPOSE_REGIONS) <= set(NAMED_REGIONS)
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu")
+    session = backend.new_session()
+    _save_subject(backend, session, "star")
+    _save_subject(backend, session, "circle")
+    _save_subject(backend, session, "elsewhere", base="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    _save_subject(backend, session, "whole", method="dreambooth")
+    prompt = "a sks star and a sks circle"
+    compose = app.handle_errors(backend.compose)
+    with pytest.raises(gr.Error, match="choose 2 to 4 subjects to compose, got 1"):
+        compose(session, [Placement("star", "left"), Placement(None, "right")], prompt)
+    for placements, message in (
+        (
+            [Placement("star", "left"), Placement("circle", DRAWN_MASK)],
+            "'circle' is placed by a drawn mask, but nothing is drawn",
+        ),
+        (
+            [Placement("star", "left"), Placement("elsewhere", "right")],
+            "'elsewhere' was trained on the base 'stable-diffusion",
+        ),
+        ([Placement("star", "left"), Placement("whole", "right")], "a whole model"),
+        ([Placement("star", "left"), Placement("star", "right")], "'star' is chosen twice"),
+        (
+            [Placement("star", "left"), Placement("circle", "/etc/passwd")],
+            "region '/etc/passwd' of subject 'circle': choose one of left",
+        ),
+        ([Placement("star", "left"), Placement("moon", "right")], "no saved subject named 'moon'"),
+        ([Placement(n, "left") for n in ("star", "circle", "elsewhere", "whole", "x")], "got 5"),
+    ):
+        with pytest.raises(InputError, match=message):
+            backend.compose(session, placements, prompt)
+    with pytest.raises(ModelLoadError, match="the weights of subject 'star' are missing"):
+        backend.compose(session, [Placement("star", "left"), Placement("circle", "right")], prompt)
+    with pytest.raises(InputError, match="write a prompt for the whole image"):
+        backend.compose(session, [Placement("star", "left"), Placement("circle", "right")], " ")
+    assert drawn_mask(None) is None
+    assert drawn_mask({"background": None, "layers": [], "composite": None}) is None
+    assert backend._pipelines == {}  # every refusal came before any model loaded
+
+
 # ------------------------------------------------------------------------------------------ browser
 
 
@@ -589,3 +698,93 @@ def test_browser_end_to_end(tmp_path, random_tiny_dir, capfd):
     for name in ("personalize", "generate", "evaluate"):
         shutil.copyfile(shots / f"{name}.png", copies / f"app_screenshot_{name}.png")
     shutil.copyfile(shots / "generate.png", copies / "app_screenshot.png")
+
+
+def test_browser_compose(tmp_path, random_tiny_dir, capfd):
+    """In headless Chromium: train two subjects, place them left and right in the Compose tab, see the
+    images in the gallery; then paint the second one's region on the canvas instead."""
+    chromium = _chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    from pimg.inference.pipeline import read_png_settings
+    from pimg.models import BUILTIN_MODELS
+
+    base = "tiny" if (BUILTIN_MODELS["tiny"].folder / "model_index.json").is_file() else str(random_tiny_dir)
+    demo = app.build_demo(base=base, output_dir=tmp_path / "out", device="cpu", train_settings=FAST)
+    url = app.serve(demo, port=None, block=False)
+    subjects = {"star": "ringed_star_rgb", "circle": "banded_circle_poy"}
+    shot = tmp_path / "compose.png"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            for noun, toy in subjects.items():
+                if page.locator("#photos").get_by_label("Clear").count():
+                    page.locator("#photos").get_by_label("Clear").click()  # the last subject's photos
+                photos = toy_uploads(tmp_path / "up" / noun, toy, n=4)
+                page.locator("#photos input[type=file]").set_input_files(photos)
+                expect(page.locator("#photos")).to_contain_text(f"{toy}_3", timeout=30_000)
+                expect(page.locator("#photos")).not_to_contain_text("Uploading", timeout=30_000)
+                page.locator("#class-noun textarea").fill(noun)
+                page.locator("#steps input").fill("4")
+                page.locator("#train").click()
+                expect(page.locator("#train-status")).to_contain_text(
+                    f"Saved subject {noun}_lora_1", timeout=180_000
+                )
+
+            page.get_by_role("tab", name="Compose").click()
+            for i, (noun, region) in enumerate([("star", "left"), ("circle", "right")]):
+                page.locator(f"#compose-subject-{i} input").click()
+                page.get_by_role("option", name=f"{noun}_lora_1").click()
+                page.locator(f"#compose-region-{i} input").click()
+                page.get_by_role("option", name=region, exact=True).click()
+            expect(page.locator("#compose-mask-1")).to_be_hidden()
+            page.locator("#compose-prompt textarea").fill(
+                "a sks star at the left and a sks circle at the right on a blue background"
+            )
+            page.locator("#compose-steps input").fill("10")
+            page.locator("#compose").click()
+            expect(page.locator("#compose-gallery img")).to_have_count(4, timeout=120_000)
+            expect(page.locator("#compose-status")).to_contain_text(
+                "Composed star_lora_1 (left), circle_lora_1 (right)."
+            )
+            page.screenshot(path=shot, full_page=True)
+
+            # The second subject placed by a painted region: a stroke down the right half of the canvas.
+            page.locator("#compose-region-1 input").click()
+            page.get_by_role("option", name=DRAWN_MASK).click()
+            canvas = page.locator("#compose-mask-1")
+            expect(canvas).to_be_visible()
+            canvas.get_by_label("Brush").click()
+            # The canvas element spans the whole box; the square being painted sits at its centre.
+            box = canvas.locator("canvas").first.bounding_box()
+            x, y = box["x"] + box["width"] / 2 + 60, box["y"] + box["height"] / 2
+            page.mouse.move(x, y - 100)
+            page.mouse.down()
+            page.mouse.move(x, y + 100, steps=10)
+            page.mouse.up()
+            page.locator("#compose").click()
+            expect(page.locator("#compose-status")).to_contain_text(
+                "circle_lora_1 (draw mask)", timeout=120_000
+            )
+            expect(page.locator("#compose-status")).to_contain_text("resized to the image's")
+
+            (session,) = (tmp_path / "out" / "sessions").iterdir()
+            first, second = sorted((session / "images").iterdir())
+            images = sorted(first.glob("*.png"))
+            assert len(images) == 4
+            (part,) = read_png_settings(images[0])["parts"]
+            assert [(s["name"], s["region"]) for s in part["subjects"]] == [
+                ("star_lora_1", "left"),
+                ("circle_lora_1", "right"),
+            ]
+            (part,) = read_png_settings(sorted(second.glob("*.png"))[0])["parts"]
+            assert part["subjects"][1]["region"] == "drawn mask of circle_lora_1"
+            browser.close()
+    finally:
+        demo.close()
+    assert "Traceback" not in capfd.readouterr().err
+    copies = REPO / "out"
+    copies.mkdir(exist_ok=True)
+    shutil.copyfile(shot, copies / "app_screenshot_compose.png")

@@ -1,4 +1,4 @@
-"""pimg's web demo: personalize a model on your photos, generate with it, and score the results.
+"""pimg's web demo: personalize a model on your photos, generate with it, compose subjects, score the results.
 
     pimg app                                        # the tiny model on CPU, http://127.0.0.1:7860
     pimg app --base /models/sd15 --auth me:secret --output-dir /data/pimg-app
@@ -24,7 +24,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from pimg.errors import PimgError
-from pimg.frontends.demo import BASE_CHOICE, MAX_IMAGES, UPLOAD_LIMITS, DemoBackend, method_labels
+from pimg.frontends.demo import (
+    BASE_CHOICE,
+    COMPOSE_REGIONS,
+    DRAWN_MASK,
+    MAX_COMPOSE_SUBJECTS,
+    MAX_IMAGES,
+    UPLOAD_LIMITS,
+    DemoBackend,
+    Placement,
+    drawn_mask,
+    method_labels,
+)
 from pimg.methods import get_method
 
 #: How many saved subjects one generation can combine.
@@ -133,7 +144,7 @@ def build_demo(
     ) as demo:
         gr.Markdown(
             f"# pimg: personalized text-to-image\nBase model: `{base}`. Train a subject on a few photos, "
-            "generate with it, then score the images against the photos."
+            "generate with it, put several subjects in one image, then score the images against the photos."
         )
         with gr.Tabs():
             with gr.Tab("Personalize", id="personalize"):
@@ -142,9 +153,9 @@ def build_demo(
                 generate = _generate_tab(gr, base, backend.guidance_default())
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluate = _evaluate_tab(gr)
-            # A Compose tab (several subjects in one image, each in its own region) is added once pimg
-            # has a multi-subject entry point; until then there is no tab rather than a fake one.
-        _wire(gr, demo, backend, personalize, generate, evaluate)
+            with gr.Tab("Compose", id="compose"):
+                compose = _compose_tab(gr)
+        _wire(gr, demo, backend, personalize, generate, evaluate, compose)
     demo.backend = backend  # for tests and main(): the page's logic without the page
     return demo
 
@@ -248,7 +259,95 @@ def _evaluate_tab(gr) -> SimpleNamespace:
     return SimpleNamespace(subject=subject, button=button, table=table, plot=plot, notes=notes)
 
 
-def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace, e: SimpleNamespace) -> None:
+def _compose_tab(gr) -> SimpleNamespace:
+    gr.Markdown(
+        f"Several saved subjects in one image, each subject confined to its region, in one pass per step. "
+        f"Choose 2 to {MAX_COMPOSE_SUBJECTS} subjects and place each; the prompt describes the whole image."
+    )
+    defaults = ("left", "right", "top", "bottom")
+    with gr.Row():
+        with gr.Column():
+            slots = []
+            for i in range(MAX_COMPOSE_SUBJECTS):
+                with gr.Group():
+                    with gr.Row():
+                        subject = gr.Dropdown(
+                            [], value=None, label=f"Subject {i + 1}", scale=2, elem_id=f"compose-subject-{i}"
+                        )
+                        region = gr.Dropdown(
+                            [*COMPOSE_REGIONS, DRAWN_MASK],
+                            value=defaults[i],
+                            label="Region",
+                            scale=1,
+                            elem_id=f"compose-region-{i}",
+                        )
+                        prompt = gr.Textbox(
+                            label="Region prompt",
+                            placeholder="optional (empty: the image's prompt)",
+                            max_lines=1,
+                            scale=3,
+                            elem_id=f"compose-region-prompt-{i}",
+                        )
+                    # Square like the image; paint is where the subject goes (resized to the image).
+                    mask = gr.Sketchpad(
+                        label="Paint the region",
+                        type="numpy",
+                        image_mode="RGBA",
+                        canvas_size=(256, 256),
+                        fixed_canvas=True,
+                        layers=False,
+                        brush=gr.Brush(colors=["#1f6feb"], default_size=24, color_mode="fixed"),
+                        visible=False,
+                        elem_id=f"compose-mask-{i}",
+                    )
+                slots.append(SimpleNamespace(subject=subject, region=region, prompt=prompt, mask=mask))
+            prompt = gr.Textbox(
+                label="Prompt",
+                placeholder="a sks star at the left and a sks circle at the right on a blue background",
+                elem_id="compose-prompt",
+            )
+            with gr.Row():
+                seed = gr.Number(0, label="Seed", precision=0, elem_id="compose-seed")
+                steps = gr.Number(25, label="Steps", precision=0, elem_id="compose-steps")
+                num_images = gr.Slider(
+                    1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="compose-num-images"
+                )
+                feather = gr.Slider(
+                    0, 0.25, value=0.0, step=0.01, label="Soft edges", elem_id="compose-feather"
+                )
+            button = gr.Button("Generate", variant="primary", elem_id="compose")
+        with gr.Column():
+            gallery = gr.Gallery(
+                label="Images", columns=4, height=320, object_fit="contain", elem_id="compose-gallery"
+            )
+            status = gr.Markdown(elem_id="compose-status")
+    return SimpleNamespace(
+        slots=slots,
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        num_images=num_images,
+        feather=feather,
+        button=button,
+        gallery=gallery,
+        status=status,
+    )
+
+
+def _compose_status(placements: list, notes: list[str]) -> str:
+    placed = ", ".join(f"**{p.subject}** ({p.region})" for p in placements if p.subject)
+    return "\n".join([f"Composed {placed}.", *(f"- {note}" for note in notes)])
+
+
+def _wire(
+    gr,
+    demo,
+    backend: DemoBackend,
+    p: SimpleNamespace,
+    g: SimpleNamespace,
+    e: SimpleNamespace,
+    c: SimpleNamespace,
+) -> None:
     """Connect the tabs' events to the backend; each handler only converts between values and components."""
     # This page's session id, made on load. Its files go when the page closes (`end_page`, on unload); the
     # delete callback covers a page whose unload never came (Gradio drops a closed page's state an hour on).
@@ -296,7 +395,8 @@ def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace
         everyone = [(s.label(), s.name) for s in subjects]
         latest = everyone[-1][1] if everyone else None
         slots = [gr.update(choices=parts) for _ in g.slots]
-        return gr.update(choices=bases), *slots, gr.update(choices=everyone, value=latest)
+        compose_slots = [gr.update(choices=parts) for _ in c.slots]
+        return gr.update(choices=bases), *slots, gr.update(choices=everyone, value=latest), *compose_slots
 
     @handle_errors
     def on_generate(values: dict, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
@@ -326,7 +426,36 @@ def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace
         plot = pd.DataFrame({"metric": list(result.means), "mean": list(result.means.values())})
         return table, plot, "\n".join(f"- {note}" for note in result.notes)
 
-    choices = [g.base_choice, *(subject for subject, _ in g.slots), e.subject]
+    @handle_errors
+    def on_compose(values: dict, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        # The mask counts only where the slot says "draw mask"; elsewhere the hidden canvas is ignored.
+        placements = [
+            Placement(
+                values[s.subject],
+                values[s.region],
+                values[s.prompt] or "",
+                drawn_mask(values[s.mask]) if values[s.region] == DRAWN_MASK else None,
+            )
+            for s in c.slots
+        ]
+        result = backend.compose(
+            values[session],
+            placements,
+            values[c.prompt],
+            seed=values[c.seed],
+            num_inference_steps=values[c.steps],
+            num_images=values[c.num_images],
+            feather=values[c.feather],
+        )
+        gallery = [(path, _caption(s)) for path, s in zip(result.images, result.settings, strict=True)]
+        return gallery, _compose_status(placements, result.notes)
+
+    choices = [
+        g.base_choice,
+        *(subject for subject, _ in g.slots),
+        e.subject,
+        *(slot.subject for slot in c.slots),
+    ]
     demo.load(start_session, outputs=session).then(refresh_choices, session, choices)
     demo.unload(end_page)
     p.method.change(on_method, p.method, [p.token, p.steps])
@@ -344,6 +473,15 @@ def _wire(gr, demo, backend: DemoBackend, p: SimpleNamespace, g: SimpleNamespace
         concurrency_limit=1,
     )
     e.button.click(on_evaluate, [session, e.subject, generation], [e.table, e.plot, e.notes])
+    for slot in c.slots:  # the canvas shows only where the slot is placed by a drawn mask
+        slot.region.change(lambda region: gr.update(visible=region == DRAWN_MASK), slot.region, slot.mask)
+    compose_inputs = {session, c.prompt, c.seed, c.steps, c.num_images, c.feather}
+    c.button.click(
+        on_compose,
+        compose_inputs | {component for slot in c.slots for component in vars(slot).values()},
+        [c.gallery, c.status],
+        concurrency_limit=1,
+    )
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -1,4 +1,4 @@
-"""The web demo's logic on plain values: sessions, training, generation and evaluation.
+"""The web demo's logic on plain values: sessions, training, generation, composition and evaluation.
 
 `app.py` lays out the page and turns these values into components; everything else is here, so it
 can be tested without a browser. Like `pimg.frontends.cli`, this module sits on top of the library: it reaches
@@ -20,6 +20,8 @@ Example:
     >>> images = backend.generate(session, BASE_CHOICE, [(done.subject.name, 1.0)], "a sks star")
     >>> backend.evaluate(session, done.subject.name, images).means
     {'clip-i': 0.87, 'clip-t': 0.04, 'toy-fidelity': 0.31}
+    >>> backend.compose(session, [Placement("star_lora_1", "left"), Placement("circle_lora_1", "right")],
+    ...                 "a sks star at the left and a sks circle at the right").images
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pimg.errors import InputError, PimgError
+from pimg.errors import InputError, ModelLoadError, PimgError
 from pimg.frontends.subject_store import (
     SavedSubject,
     SessionSpace,
@@ -47,6 +49,9 @@ from pimg.frontends.subject_store import (
 from pimg.frontends.uploads import UploadLimits, check_quota, check_uploads, copy_uploads
 from pimg.methods import get_method, list_methods
 
+if TYPE_CHECKING:
+    import numpy as np
+
 #: Per-photo upload limits (the same size limit is given to Gradio's upload route).
 UPLOAD_LIMITS = UploadLimits(min_files=1, max_files=10, max_bytes=20 * 2**20)
 MAX_TRAIN_STEPS = 5000
@@ -56,6 +61,22 @@ MAX_GUIDANCE = 30.0
 MAX_IDLE_SECONDS = 6 * 3600
 # Value of the "base" choice in the Generate tab; ':' can never occur in a subject name.
 BASE_CHOICE = ":base"
+#: How many saved subjects one Compose image places (`pimg.fusion`).
+MIN_COMPOSE_SUBJECTS, MAX_COMPOSE_SUBJECTS = 2, 4
+#: The Compose tab's preset regions (names of `pimg.fusion.regions.NAMED_REGIONS`), and its drawn-mask choice.
+#: Only these: `parse_region` would also read a mask image from a path, and no path typed into a form is read.
+COMPOSE_REGIONS = (
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "top-left",
+    "top-right",
+    "bottom-left",
+    "bottom-right",
+)
+DRAWN_MASK = "draw mask"
 # Held wherever torch modules are built: loading a model (diffusers' low-memory loading patches
 # `torch.nn.Module.register_parameter` for the whole process while it runs, so a module built in
 # another thread at that moment gets weights on the "meta" device), setting up a training method,
@@ -75,13 +96,33 @@ class TrainUpdate:
 
 @dataclass
 class Generation:
-    """One Generate click: the images (inside the session folder), their settings, what made them."""
+    """One Generate (or Compose) click: the images (inside the session folder), their settings, what made
+    them, and notes on what the library changed (a resized mask, overlapping regions)."""
 
     images: list[str]
     settings: list[dict]
     prompt: str
     subjects: list[str]
     tokens: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Placement:
+    """One subject of a Compose image: which saved subject, where, and its region's own prompt.
+
+    Attributes:
+        subject: a saved subject's name; None or empty: an empty slot (skipped).
+        region: one of `COMPOSE_REGIONS`, or `DRAWN_MASK` with `mask` given.
+        prompt: the region's own prompt; empty: the image's prompt.
+        mask: with `DRAWN_MASK`, weights [H, W] in [0, 1] (`drawn_mask` reads them off the page's sketch);
+            None: nothing was drawn.
+    """
+
+    subject: str | None
+    region: str
+    prompt: str = ""
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -126,6 +167,30 @@ def _guidance(value) -> float | None:
     return _number("guidance", value.strip() if isinstance(value, str) else value, 0, MAX_GUIDANCE, False)
 
 
+def drawn_mask(value) -> np.ndarray | None:
+    """The region a person painted on a sketchpad, as weights [H, W] in [0, 1]; None when nothing is painted.
+
+    Args:
+        value: a `gr.Sketchpad` / `gr.ImageEditor` value with numpy RGBA images (`{"background", "layers",
+            "composite"}`), or None. Paint is wherever a layer is opaque, whatever its colour; the eraser
+            makes it transparent again.
+
+    Example:
+        >>> drawn_mask({"background": None, "layers": [rgba], "composite": None}).shape
+        (256, 256)
+    """
+    import numpy as np
+
+    layers = [np.asarray(layer) for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        return None
+    for layer in layers:
+        if layer.ndim != 3 or layer.shape[-1] != 4:
+            raise InputError(f"the drawn mask must be an RGBA image, got an array of shape {layer.shape}.")
+    alpha = np.max(np.stack([layer[..., 3] for layer in layers]), axis=0).astype(np.float32) / 255.0
+    return alpha if float(alpha.max()) > 0 else None
+
+
 def _photo_bytes(folder: Path) -> int:
     """Bytes of the subjects' photos under a session folder."""
     return _bytes(folder.glob("subjects/*/photos/*"))
@@ -149,7 +214,7 @@ def _newest_change(folder: Path) -> float:
 
 
 class DemoBackend:
-    """The demo's logic, on plain values: sessions, training, generation, evaluation.
+    """The demo's logic, on plain values: sessions, training, generation, composition, evaluation.
 
     Args:
         base: the base model (built-in name, diffusers folder, single file or hub id).
@@ -538,13 +603,121 @@ class DemoBackend:
                 finally:
                     with BUILD_LOCK:  # removing a token resizes the embedding table: a new module
                         pipe.clear()
-            folder = space.new_folder("images")
-            paths = [
-                str(im.save(folder / f"{k:02d}_seed{im.settings['seed']}.png")) for k, im in enumerate(images)
-            ]
             subjects = [s.name for s, _ in picks]
-            settings = [{**im.settings, "subjects": subjects} for im in images]
+            paths, settings = _save_images(space, images, subjects)
             return Generation(paths, settings, prompt, subjects, [s.token for s, _ in picks])
+
+    # -------------------------------------------------------------------------------------- compose
+
+    def compose(
+        self,
+        session_id: str,
+        placements: list[Placement],
+        prompt: str,
+        negative_prompt: str = "",
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float | str | None = None,
+        num_images: int = 4,
+        feather: float = 0.0,
+    ) -> Generation:
+        """Several saved subjects in one image, each subject's LoRA confined to its region (`pimg.fusion`).
+
+        Refused before any model loads: fewer than `MIN_COMPOSE_SUBJECTS` or more than
+        `MAX_COMPOSE_SUBJECTS` subjects, one chosen twice, a region not in `COMPOSE_REGIONS`, a drawn mask
+        left empty, a whole-model subject (DreamBooth), a subject trained on another base. Two subjects
+        may share a token: each region's prompt is read with its own subject's words.
+
+        Args:
+            placements: the subjects and their regions; a placement with no subject (an empty slot) is skipped.
+            prompt: the whole image's prompt (what lies outside every region follows it).
+            guidance_scale: as in `generate` (None or blank: the subjects' recorded, else the base's).
+            feather: soft region edges, a share of the image side (0 to 0.5).
+
+        Example:
+            >>> backend.compose(session, [Placement("star", "left"), Placement("dog", "right")], "a sks star and a sks dog")
+        """
+        from pimg.fusion import Composition
+        from pimg.inference.guidance import choose_guidance
+
+        placements = [p for p in placements if p.subject]
+        if not MIN_COMPOSE_SUBJECTS <= len(placements) <= MAX_COMPOSE_SUBJECTS:
+            raise InputError(
+                f"choose {MIN_COMPOSE_SUBJECTS} to {MAX_COMPOSE_SUBJECTS} subjects to compose, got "
+                f"{len(placements)}; train more in the Personalize tab, or use the Generate tab for one."
+            )
+        if not (prompt or "").strip():
+            raise InputError(
+                "write a prompt for the whole image, e.g. 'a sks star at the left and a sks dog at the right'."
+            )
+        guidance_scale = _guidance(guidance_scale)
+        seed = _number("seed", seed, 0, 2**31 - 1)
+        steps = _number("steps", num_inference_steps, 1, 200)
+        num_images = _number("number of images", num_images, 1, MAX_IMAGES)
+        feather = _number("soft edges", feather, 0, 0.5, integer=False)
+        with self._using(session_id) as space:
+            subjects, members = self._placed_subjects(space, placements, feather)
+            folders = [space.store.path(s, s.weights) for s in subjects]
+            guidance, _ = choose_guidance(self.base, folders, guidance_scale)
+            with self._generate_lock:
+                pipe = self.pipeline()
+                try:
+                    with BUILD_LOCK:  # attaching LoRAs builds peft layers
+                        composition = pipe.add(Composition(members))
+                    images = pipe.generate(
+                        prompt,
+                        negative_prompt=negative_prompt or None,
+                        num_images=num_images,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        seed=seed,
+                    )
+                    notes = list(composition.notes)
+                finally:
+                    with BUILD_LOCK:  # removing a token resizes the embedding table: a new module
+                        pipe.clear()
+            names = [s.name for s in subjects]
+            paths, settings = _save_images(space, images, names)
+            return Generation(paths, settings, prompt, names, sorted({s.token for s in subjects}), notes)
+
+    def _placed_subjects(self, space: SessionSpace, placements: list[Placement], feather: float):
+        """The placements' saved subjects and their `RegionalSubject`s, after checking each (see `compose`)."""
+        from pimg.fusion import RegionalSubject
+        from pimg.inference.parts import safe_adapter_name
+        from pimg.methods import load_result
+
+        names = [p.subject for p in placements]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InputError(f"subject {repeated[0]!r} is chosen twice; place each subject once.")
+        # Every choice is checked before any weights are read, so that one message names what to fix.
+        subjects, regions = [], []
+        for placement in placements:
+            subject = space.store.load(placement.subject)
+            if get_method(subject.method).whole_model:
+                raise InputError(
+                    f"subject {subject.name!r} is a {get_method(subject.method).label} subject (a whole model), "
+                    "which cannot be confined to a region; compose LoRA, pivotal or Textual Inversion subjects."
+                )
+            if subject.base != self.base:
+                raise InputError(
+                    f"subject {subject.name!r} was trained on the base {subject.base!r}, but this demo composes "
+                    f"on {self.base!r}; compose subjects trained on {self.base!r}."
+                )
+            subjects.append(subject)
+            regions.append(_compose_region(placement, feather))
+        members = []
+        for placement, subject, region in zip(placements, subjects, regions, strict=True):
+            weights = space.store.path(subject, subject.weights)
+            if not weights.exists():
+                raise ModelLoadError(
+                    f"the weights of subject {subject.name!r} are missing ({weights}); train it again."
+                )
+            name = safe_adapter_name(subject.name) or "subject"
+            result = load_result(weights, name=name, token=subject.token)
+            prompt = (placement.prompt or "").strip() or None
+            members.append(RegionalSubject(name, result.parts, region, prompt))
+        return subjects, members
 
     # -------------------------------------------------------------------------------------- evaluate
 
@@ -628,6 +801,32 @@ class DemoBackend:
 def method_labels() -> list[str]:
     """The registered methods' labels, as the Personalize tab lists them (`pimg.methods`)."""
     return [m.label for m in list_methods()]
+
+
+def _compose_region(placement: Placement, feather: float):
+    """A placement's `pimg.fusion.Region`: a preset region by name, or the mask drawn for it."""
+    from pimg.fusion import Region, parse_region
+
+    if placement.region == DRAWN_MASK:
+        if placement.mask is None or float(placement.mask.max()) <= 0:
+            raise InputError(
+                f"subject {placement.subject!r} is placed by a drawn mask, but nothing is drawn; paint its region "
+                "on the canvas in its row, or choose a preset region."
+            )
+        return Region(mask=placement.mask, feather=feather, label=f"drawn mask of {placement.subject}")
+    if placement.region not in COMPOSE_REGIONS:
+        raise InputError(
+            f"region {placement.region!r} of subject {placement.subject!r}: choose one of "
+            f"{', '.join(COMPOSE_REGIONS)}, or {DRAWN_MASK!r}."
+        )
+    return parse_region(placement.region, feather=feather)
+
+
+def _save_images(space: SessionSpace, images, subjects: list[str]) -> tuple[list[str], list[dict]]:
+    """One click's images as PNGs in a new folder of the session, and their settings (with the subjects)."""
+    folder = space.new_folder("images")
+    paths = [str(im.save(folder / f"{k:02d}_seed{im.settings['seed']}.png")) for k, im in enumerate(images)]
+    return paths, [{**im.settings, "subjects": subjects} for im in images]
 
 
 def _free_name(space: SessionSpace, stem: str) -> str:
