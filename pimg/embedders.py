@@ -67,8 +67,15 @@ class ClipImageEmbedder:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.source = str(source)
+        location, subfolder = self.source, ""
+        if not Path(location).exists() and location.count("/") > 1:
+            # "h94/IP-Adapter/models/image_encoder": a hub repository and a folder inside it
+            owner, repo, subfolder = location.split("/", 2)
+            location = f"{owner}/{repo}"
         try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(self.source, dtype=dtype)
+            self.model = CLIPVisionModelWithProjection.from_pretrained(
+                location, subfolder=subfolder, dtype=dtype
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot load a CLIP vision model from {self.source!r} ({str(exc).splitlines()[0]}). Pass a "

@@ -166,12 +166,31 @@ def test_two_training_steps_write_an_adapter_diffusers_loads_with_its_image_enco
     assert np.abs(ours - theirs).max() <= 1
 
 
-def test_training_resumes_exactly(trained_adapter, tmp_path):
-    from pimg.trainers.personalize import resume_config, train
+def test_training_resumes_exactly(random_tiny_dir, trained_adapter, tmp_path):
+    from pimg.trainers.personalize import load_train_config, resume_config, train
 
     config = resume_config("id-adapter", str(trained_adapter), {"loop.steps": 3})
     train("id-adapter", config, resume=True, progress=False)
-    assert json.loads((trained_adapter / "config.json").read_text())["loop"]["steps"] == 3
+    resumed = read_ip_adapter(trained_adapter)
+    record = json.loads((trained_adapter / "config.json").read_text())
+    assert record["loop"]["steps"] == 3
+    straight = load_train_config(
+        "id-adapter",
+        None,
+        {
+            "base": record["base"],
+            "image_encoder": record["image_encoder"],
+            "batch_size": 2,
+            "sample_subjects": 0,
+            "out_dir": str(tmp_path / "straight"),
+            "loop.steps": 3,
+            "loop.learning_rate": 1e-3,
+        },
+    )
+    once = read_ip_adapter(train("id-adapter", straight, progress=False))
+    for section in once:
+        for key in once[section]:
+            torch.testing.assert_close(resumed[section][key], once[section][key], rtol=1e-5, atol=1e-6)
 
 
 def test_personalized_subject_folder_loads_as_a_result(random_tiny_dir, trained_adapter, tmp_path):
@@ -189,3 +208,56 @@ def test_personalized_subject_folder_loads_as_a_result(random_tiny_dir, trained_
     loaded = load_result(folder, scale=0.5)
     (part,) = loaded.parts
     assert isinstance(part, IdAdapterPart) and part.scale == 0.5 and part.embedding.shape == (128,)
+
+
+# ------------------------------------------------------------------------------ faces (../shared/faces)
+
+
+@pytest.mark.shared
+def test_face_embedder_says_couple_shows_two_faces_and_which_it_used(shared_dir, caplog):
+    pytest.importorskip("dlib", reason="dlib is not installed: pip install 'pimg[face-dlib]'")
+    from pimg.embedders import FaceEmbedder
+    from pimg.faces import face_backend
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    embedder = FaceEmbedder(face_backend("dlib"))
+    couple = shared_dir / "faces" / "multi" / "couple.jpg"
+    with caplog.at_level("WARNING"):
+        embedding = embedder.embed([couple], [couple.name])
+    assert embedding.shape == (1, 128)
+    (report,) = embedder.reports
+    assert report["faces"] == 2 and len(report["used_box"]) == 4
+    assert "shows 2 faces; using the largest" in caplog.text
+    with pytest.raises(InputError, match="no face found in toy.png"):
+        embedder.embed([next(iter(EVAL_SUBJECTS.values())).photos(1)[0]], ["toy.png"])
+
+
+@pytest.mark.shared
+def test_scrfd_detector_finds_every_face_in_shared_photos(shared_dir):
+    pytest.importorskip("insightface", reason="pip install 'pimg[face]'")
+    from pimg.faces import ScrfdDetector
+
+    faces = shared_dir / "faces"
+    detector = ScrfdDetector(faces / "models" / "det_500m.onnx")
+    singles = sorted(faces.glob("person_*/*.jpg"))
+    counts = [len(detector.detect(p)) for p in singles]
+    assert min(counts) >= 1, dict(zip([p.name for p in singles], counts, strict=True))
+    couple = detector.detect(faces / "multi" / "couple.jpg")
+    assert len(couple) == 2 and couple[0].area >= couple[1].area
+
+
+def test_sdxl_faceid_layout_gives_the_images_of_plain_diffusers(random_sdxl_dir, tmp_path):
+    from conftest import random_faceid_weights
+
+    plain = load_base(str(random_sdxl_dir))
+    path = tmp_path / "ip-adapter-faceid_sdxl.bin"
+    torch.save(random_faceid_weights(plain.unet, seed=4), path)
+    embedding = torch.randn(512, generator=torch.Generator().manual_seed(3))
+    pp = PersonalizedPipeline.from_base(str(random_sdxl_dir))
+    pp.add(IdAdapterPart(path, embedding))
+    ours = _pimg(pp)
+    plain.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    theirs = _plain(
+        plain, ip_adapter_image_embeds=[torch.cat([torch.zeros(1, 1, 512), embedding.reshape(1, 1, 512)])]
+    )
+    assert np.abs(ours - theirs).max() <= 1

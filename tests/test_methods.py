@@ -160,7 +160,8 @@ def test_presets_travel_with_the_package_and_tiny_uses_its_own(capsys):
 def test_method_names_are_literals_only_in_the_registry_and_the_methods():
     """`grep` for the method names as string literals outside the places that may name them."""
     allowed = {"pimg/methods.py", "trainers/lora.py", "trainers/dreambooth.py", "trainers/ti.py"}
-    pattern = r"[\"'](lora|dreambooth|ti|pivotal|dreambooth-noprior)[\"']"
+    allowed |= {"trainers/id_adapter.py", "pimg/inference/id_adapter.py"}
+    pattern = r"[\"'](lora|dreambooth|ti|pivotal|dreambooth-noprior|id-adapter)[\"']"
     found = subprocess.run(
         ["grep", "-rnE", pattern, "pimg", "trainers", "metrics", "hypernets", "app.py", "--include=*.py"],
         cwd=REPO,

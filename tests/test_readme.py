@@ -83,8 +83,12 @@ def fast(argv: list[str]) -> list[str]:
     if argv[0] == "train" and "--resume" in argv:
         return [*argv, "--steps", "2"]  # one step more than the run it continues
     if argv[0] == "train":
-        extra = ["--set", "num_class_images=1"] if argv[1] == "dreambooth" else []
-        return [*argv, "--steps", "1", "--set", "sample_images=1", "--set", "num_inference_steps=1", *extra]
+        from pimg.methods import get_method
+
+        method = get_method(argv[1])
+        extra = ["--set", "num_class_images=1"] if method.has_setting("num_class_images") else []
+        samples = next(k for k in ("sample_images", "sample_subjects") if method.has_setting(k))
+        return [*argv, "--steps", "1", "--set", f"{samples}=1", "--set", "num_inference_steps=1", *extra]
     return argv
 
 
