@@ -26,6 +26,7 @@ from pimg.frontends.demo import (
     DemoBackend,
     Placement,
     drawn_mask,
+    method_labels,
     strip_tokens,
 )
 from pimg.frontends.subject_store import (
@@ -497,6 +498,29 @@ def test_other_methods_save_subjects_that_generate(tmp_path, random_tiny_dir, me
     assert backend.pipeline().parts == {}  # the shared pipeline is left bare for the next person
     with pytest.raises(InputError, match="already exists"):
         list(backend.personalize(session, photos, method, token, "star", 1, "mine"))
+
+
+def test_id_adapter_makes_a_subject_from_one_photo_without_training(tmp_path):
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu")
+    assert ("ID adapter (no training)", "ID adapter") in method_labels()
+    assert backend.method_defaults("ID adapter") == ("", 0)
+    session = backend.new_session()
+    photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=1)
+    updates = list(backend.personalize(session, photos, "ID adapter", "", "star", 0, "instant"))
+    subject = updates[-1].subject
+    assert subject.method == "id-adapter" and subject.prompt == "a star" and "no training" in subject.label()
+    assert Path(updates[-1].samples[0]).is_file()  # images of it at once
+    generated = backend.generate(
+        session,
+        BASE_CHOICE,
+        [("instant", 0.8)],
+        "a star on a green background",
+        num_inference_steps=2,
+        num_images=1,
+    )
+    (part,) = generated.settings[0]["parts"]
+    assert part["kind"] == "id_adapter" and part["scale"] == 0.8
+    assert backend.pipeline().parts == {}
 
 
 # ------------------------------------------------------------------------------------------ compose

@@ -261,3 +261,20 @@ def test_sdxl_faceid_layout_gives_the_images_of_plain_diffusers(random_sdxl_dir,
         plain, ip_adapter_image_embeds=[torch.cat([torch.zeros(1, 1, 512), embedding.reshape(1, 1, 512)])]
     )
     assert np.abs(ours - theirs).max() <= 1
+
+
+def test_subject_crop_centres_the_subject_and_leaves_busy_photos_alone():
+    from pimg.embedders import NEUTRAL, subject_crop
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+
+    subject = next(iter(EVAL_SUBJECTS.values()))
+    for photo in subject.photos(3, seed=2):
+        crop = subject_crop(photo)
+        assert crop.shape == (64, 64, 3)
+        assert (crop[0] == NEUTRAL).all() and (crop[:, -1] == NEUTRAL).all()  # the background is gone
+        far = np.linalg.norm(crop.astype(float) - NEUTRAL, axis=-1) > 60
+        ys, xs = np.nonzero(far)
+        assert abs((ys.min() + ys.max()) / 2 - 31.5) <= 1.5 and abs((xs.min() + xs.max()) / 2 - 31.5) <= 1.5
+        assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 == 48  # scaled to 3/4 of the side
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(subject_crop(noise), noise)

@@ -68,7 +68,7 @@ def test_a_registered_method_reaches_every_front_end(throwaway, tmp_path):
     args = parser.parse_args(["train", "echo", "--echo-rank", "3", "--photos", "p", "--class-noun", "x"])
     assert vars(args)["cfg.rank"] == 3 and args.method == "echo"
     # The demo lists it; pimg eval toysubject takes it and its variant.
-    assert "Echo" in method_labels()
+    assert "Echo" in [label for _, label in method_labels()]
     assert parser.parse_args(["eval", "toysubject", "--method", "echo-loud"]).method == "echo-loud"
     ToySubjectEvalConfig(method="echo")
     # The bench and the subject store load its results through its own parts function.

@@ -53,6 +53,9 @@ class IdAdapterTrainConfig:
             vision tower on `tiny` (required on other bases).
         face_backend: "insightface" (ArcFace 512-d, the public FaceID checkpoints' embedding) or "dlib"
             (128-d, CC0 models) for the faceid kind.
+        subject_crop: embed the subject cut out of its photo (`pimg.embedders.subject_crop`: plain
+            backgrounds, as the toy world's) rather than the whole photo; recorded in the adapter, so
+            inference crops alike.
         face_model: the face backend's model files (insightface pack folder; dlib .dat folder); None: default.
         data: "toy" (subjects from the toy world's generator, `tiny` only) or a folder of subject folders.
         caption: caption of a photo without a sidecar `.txt` in a data folder.
@@ -64,6 +67,7 @@ class IdAdapterTrainConfig:
         noise_offset, min_snr_gamma: as in the base's training (see `denoising_loss`).
         sample_subjects: subjects shown in the sample grid (generated ones, not evaluation subjects).
         num_inference_steps, guidance_scale: settings of the sample grid; guidance None: the base's.
+            The guidance is also the one recommended for subjects made with the adapter.
         loop: the training loop's settings.
     """
 
@@ -72,6 +76,7 @@ class IdAdapterTrainConfig:
     image_encoder: str | None = None
     face_backend: str = "insightface"
     face_model: str | None = None
+    subject_crop: bool = False
     data: str = "toy"
     caption: str = "a photo"
     out_dir: str = "out/id-adapter"
@@ -126,7 +131,7 @@ def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
                 "image_encoder is needed on bases other than tiny: a CLIP vision hub id or folder."
             )
         source = toy_image_encoder()
-    return ClipImageEmbedder(source, device=device)
+    return ClipImageEmbedder(source, crop=config.subject_crop, device=device)
 
 
 def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int) -> dict:
@@ -332,6 +337,7 @@ class IdAdapterMethod:
             "pimg.kind": c.kind,
             "pimg.base": c.base,
             "pimg.embedder": self.embedder_description(),
+            "pimg.subject_crop": str(c.subject_crop).lower(),
         }
         save_ip_adapter(out_dir / IP_ADAPTER_FILE, ip_adapter_from_unet(self.pipe.unet), metadata)
         if c.kind == "clip":

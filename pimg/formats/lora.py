@@ -142,7 +142,7 @@ def _to_peft_spelling(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 # --------------------------------------------------------------------------------- module name mapping
 
 
-def _is_peft_internal(name: str) -> bool:
+def is_peft_internal(name: str) -> bool:
     # Once peft wraps a layer, its tree grows `to_q.base_layer`, `to_q.lora_A.default`, ...; those are
     # not layers a LoRA file can name.
     return any(part == "base_layer" or part.startswith("lora_") for part in name.split("."))
@@ -158,7 +158,7 @@ def _checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
     prefix = _FLATTENED_PREFIXES.get(type(model).__name__, "")
     if prefix and hasattr(model, prefix.rstrip(".")):  # an older transformers that still nests it
         prefix = ""
-    return {prefix + name: name for name, _ in model.named_modules() if name and not _is_peft_internal(name)}
+    return {prefix + name: name for name, _ in model.named_modules() if name and not is_peft_internal(name)}
 
 
 class _LayerNames:

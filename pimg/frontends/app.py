@@ -148,7 +148,7 @@ def build_demo(
         )
         with gr.Tabs():
             with gr.Tab("Personalize", id="personalize"):
-                personalize = _personalize_tab(gr, *backend.method_defaults(method_labels()[0]))
+                personalize = _personalize_tab(gr, *backend.method_defaults(method_labels()[0][1]))
             with gr.Tab("Generate", id="generate"):
                 generate = _generate_tab(gr, base, backend.guidance_default())
             with gr.Tab("Evaluate", id="evaluate"):
@@ -169,7 +169,7 @@ def _personalize_tab(gr, token: str, steps: int) -> SimpleNamespace:
                 file_types=["image"],
                 elem_id="photos",
             )
-            method = gr.Radio(method_labels(), value=method_labels()[0], label="Method", elem_id="method")
+            method = gr.Radio(method_labels(), value=method_labels()[0][1], label="Method", elem_id="method")
             with gr.Row():
                 token = gr.Textbox(token, label="Token", elem_id="token")
                 class_noun = gr.Textbox(

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pimg.errors import InputError, ModelLoadError, PimgError
 from pimg.frontends.subject_store import (
     SavedSubject,
@@ -367,7 +369,10 @@ class DemoBackend:
         return [space.store.load(name) for name in space.store.names()]
 
     def method_defaults(self, label: str) -> tuple[str, int]:
-        """(default token, default steps) of a method: its config as `personalize` starts from it."""
+        """(default token, default steps) of a method: its config as `personalize` starts from it;
+        ("", 0) for a method that makes a subject without training (an ID adapter)."""
+        if get_method(label).personalize is not None:
+            return "", 0
         config = self._train_config(get_method(label).name, {})
         return config.token, config.loop.steps
 
@@ -438,8 +443,11 @@ class DemoBackend:
             raise InputError(
                 f"class noun {class_noun!r}: say in a word or two what the subject is, e.g. 'star' or 'dog'."
             )
-        steps = _number("steps", steps, 1, MAX_TRAIN_STEPS)
         limits = self.upload_limits
+        if entry.personalize is not None:
+            yield from self._personalize_without_training(space, files, entry, class_noun, name)
+            return
+        steps = _number("steps", steps, 1, MAX_TRAIN_STEPS)
         photos = check_uploads(files, limits)
         name = (name or "").strip() or _free_name(space, f"{class_noun.replace(' ', '_')}_{trainer}")
         folder = space.store.folder(name)
@@ -499,6 +507,62 @@ class DemoBackend:
         yield TrainUpdate(
             f"Saved subject **{name}**: prompt with `{subject.prompt}` in the Generate tab.",
             [str(p) for p in samples[-1:]],
+            subject,
+        )
+
+    def _personalize_without_training(self, space: SessionSpace, files, entry, class_noun: str, name: str):
+        """A subject from photos at once (an ID adapter: their embedding), shown with images of it."""
+        from pimg.imaging import grid
+        from pimg.methods import load_result
+
+        photos = check_uploads(files, dataclasses.replace(self.upload_limits, min_files=1))
+        stem = f"{class_noun.replace(' ', '_')}_{entry.name.replace('-', '_')}"
+        name = (name or "").strip() or _free_name(space, stem)
+        folder = space.store.folder(name)
+        with self._quota_lock:
+            check_quota(photos, _photo_bytes(space.folder), self.kept_photo_bytes(), self.upload_limits)
+            space.store.create(name)
+            try:
+                copied = copy_uploads(photos, folder / "photos")
+            except BaseException:
+                space.store.discard(name)
+                raise
+        try:
+            yield TrainUpdate(f"Making **{name}** ({entry.label}, no training) from {len(copied)} photo(s)…")
+            out = folder / "result"
+            with BUILD_LOCK:
+                entry.personalize_function()(folder / "photos", out, base=self.base)
+            subject = SavedSubject(
+                name=name,
+                method=entry.name,
+                token="",
+                class_noun=class_noun,
+                base=self.base,
+                weights=out.relative_to(folder).as_posix(),
+                photos=[p.relative_to(folder).as_posix() for p in copied],
+            )
+            with self._generate_lock:
+                pipe = self.pipeline()
+                try:
+                    with BUILD_LOCK:
+                        for part in load_result(out).parts:
+                            pipe.add(part)
+                    images = pipe.generate(
+                        subject.prompt, num_images=4, guidance_scale=self.guidance_default()
+                    )
+                finally:
+                    with BUILD_LOCK:
+                        pipe.clear()
+            (out / "samples").mkdir(exist_ok=True)
+            preview = out / "samples" / "preview.png"
+            grid([np.asarray(g.image) for g in images], columns=4).save(preview)
+            space.store.save(subject)
+        except BaseException:
+            space.store.discard(name)
+            raise
+        yield TrainUpdate(
+            f"Saved subject **{name}** (no training): prompt with `{subject.prompt}` in the Generate tab.",
+            [str(preview)],
             subject,
         )
 
@@ -798,9 +862,10 @@ class DemoBackend:
             return Evaluation(rows, means, notes)
 
 
-def method_labels() -> list[str]:
-    """The registered methods' labels, as the Personalize tab lists them (`pimg.methods`)."""
-    return [m.label for m in list_methods()]
+def method_labels() -> list[tuple[str, str]]:
+    """(shown, label) of each registered method, as the Personalize tab lists them (`pimg.methods`);
+    a method that makes a subject without training says so."""
+    return [(f"{m.label} (no training)" if m.personalize else m.label, m.label) for m in list_methods()]
 
 
 def _compose_region(placement: Placement, feather: float):

@@ -85,11 +85,13 @@ class SavedSubject:
 
     @property
     def prompt(self) -> str:
-        """The plain instance prompt, e.g. "a sks star"."""
-        return f"a {self.token} {self.class_noun}"
+        """The plain instance prompt, e.g. "a sks star" ("a star" for a subject with no word: an ID adapter's)."""
+        return " ".join(w for w in ("a", self.token, self.class_noun) if w)
 
     def label(self) -> str:
         """A one-line description for lists."""
+        if not self.token:  # made without training (an ID adapter's embedding of the photos)
+            return f"{self.name} ({self.method}, {self.class_noun}, no training)"
         return f"{self.name} ({self.method}, '{self.token}' {self.class_noun}, {self.steps} steps)"
 
 
@@ -217,7 +219,7 @@ def load_subjects(
         raise InputError(f"subject {repeated[0]!r} is chosen twice; pick each subject once.")
     tokens: dict[str, str] = {}
     for subject, _ in chosen:
-        if subject.token in tokens:
+        if subject.token and subject.token in tokens:
             raise InputError(
                 f"subjects {tokens[subject.token]!r} and {subject.name!r} both answer to the token "
                 f"{subject.token!r}, so a prompt cannot tell them apart; use one of them, or train one again "

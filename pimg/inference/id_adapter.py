@@ -152,12 +152,11 @@ def embedder_for(adapter_file: Path, face_backend: str | None = None, face_model
     from pimg.formats.safetensors_io import read_safetensors_metadata
 
     info = describe_ip_adapter(read_ip_adapter(adapter_file))
+    metadata = read_safetensors_metadata(adapter_file) if adapter_file.suffix == ".safetensors" else {}
     if info.kind == "faceid":
         from pimg.faces import face_backend as make_backend
 
-        recorded = ""
-        if adapter_file.suffix == ".safetensors":
-            recorded = read_safetensors_metadata(adapter_file).get("pimg.embedder", "")
+        recorded = metadata.get("pimg.embedder", "")
         backend = face_backend or (
             recorded.removeprefix("face:") if recorded.startswith("face:") else "insightface"
         )
@@ -169,7 +168,16 @@ def embedder_for(adapter_file: Path, face_backend: str | None = None, face_model
             "CLIP vision model it was trained with there (h94/IP-Adapter: models/image_encoder), or pass "
             "--id-embedding FILE."
         )
-    return ClipImageEmbedder(encoder)
+    return ClipImageEmbedder(encoder, crop=metadata.get("pimg.subject_crop") == "true")
+
+
+def adapter_guidance(adapter_file: Path) -> float | None:
+    """The guidance the adapter's training recommends (`guidance_scale` of its config.json), or None."""
+    try:
+        value = json.loads((adapter_file.parent / "config.json").read_text()).get("guidance_scale")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str | Path | None = None) -> Path:
@@ -209,6 +217,10 @@ def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str |
         "adapter": str(adapter.resolve()),
         "photos": len(names),
         "faces": getattr(embedder, "reports", None),
+        # what `pimg.inference.guidance` reads: no learned word, the adapter's recommended guidance
+        "token": "",
+        "class_noun": "",
+        "guidance_scale": adapter_guidance(adapter),
     }
     (out / "config.json").write_text(json.dumps(record, indent=2))
     return out
