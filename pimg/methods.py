@@ -15,7 +15,7 @@ it holds.
 
 Example:
     >>> [m.name for m in list_methods()]
-    ['lora', 'dreambooth', 'ti']
+    ['lora', 'dreambooth', 'ti', 'id-adapter']
     >>> result = load_result("out/sks", scale=0.8)
     >>> for part in result.parts: pp.add(part)
 """
@@ -105,6 +105,11 @@ class Method:
     def has_setting(self, name: str) -> bool:
         """Does the method's config have a top-level field `name` (e.g. DreamBooth's `class_images_dir`)?"""
         return name in {f.name for f in dataclasses.fields(self.config_class())}
+
+    @property
+    def preset_stem(self) -> str:
+        """How its presets' file names start: the name with "_" for "-" (`id_adapter_tiny.yaml`)."""
+        return self.name.replace("-", "_")
 
     def recognizes(self, folder: Path) -> bool:
         """Does `folder` hold a result of this method?"""
@@ -368,7 +373,8 @@ def preset_path(name: str) -> Path:
 
 
 def builtin_preset(method: str, base: str) -> Path | None:
-    """The preset `<method>_<base>.yaml` when `base` is a built-in model that has one, else None.
+    """The preset `<method>_<base>.yaml` (`Method.preset_stem`) when `base` is a built-in model that has
+    one, else None.
 
     Front ends that train without a YAML start from it, so a subject trained there gets the settings
     `pimg eval toysubject` measured, not the dataclass defaults.
@@ -377,7 +383,7 @@ def builtin_preset(method: str, base: str) -> Path | None:
 
     if base not in BUILTIN_MODELS:
         return None
-    return _installed_preset(f"{get_method(method).name}_{base}.yaml")
+    return _installed_preset(f"{get_method(method).preset_stem}_{base}.yaml")
 
 
 def _installed_preset(file: str) -> Path | None:

@@ -91,7 +91,8 @@ def test_unregistered_names_are_refused_with_the_valid_ones():
     from pimg.frontends.subject_store import SavedSubject
 
     with pytest.raises(
-        InputError, match="unknown method 'loar'; the methods are lora, dreambooth, ti. Did you mean 'lora'"
+        InputError,
+        match="unknown method 'loar'; the methods are lora, dreambooth, ti, id-adapter. Did you mean 'lora'",
     ):
         get_method("loar")
     with pytest.raises(InputError, match="the methods are"):

@@ -230,16 +230,17 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
         load_train_config("lora", yaml)
     with pytest.raises(InputError, match="learning_rate"):
         load_train_config("ti", None, {"loop.learning_rat": 1.0})
-    with pytest.raises(InputError, match="methods are lora, dreambooth, ti"):
+    with pytest.raises(InputError, match="methods are lora, dreambooth, ti, id-adapter"):
         load_train_config("hypernet")
-    assert [m.name for m in list_methods()] == ["lora", "dreambooth", "ti"]
+    assert [m.name for m in list_methods()] == ["lora", "dreambooth", "ti", "id-adapter"]
 
 
 @pytest.mark.parametrize(
     "preset", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("toy_base"))
 )
 def test_presets_load(preset):
-    config = load_train_config(preset.split("_")[0], CONFIGS / preset)
+    # <method>_<base>.yaml, the method's name spelt with "_" for "-" (id_adapter_tiny.yaml)
+    config = load_train_config(preset.rsplit("_", 1)[0].replace("_", "-"), CONFIGS / preset)
     assert config.loop.steps > 0
 
 

@@ -88,7 +88,7 @@ def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, override
 
     method, method_overrides = evaluation_variants()[config.method]
     train_method = method.name
-    preset = config.method_config or preset_path(f"{train_method}_tiny")
+    preset = config.method_config or preset_path(f"{method.preset_stem}_tiny")
     values = {
         **method_overrides,
         "base": config.base,
