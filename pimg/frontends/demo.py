@@ -471,14 +471,7 @@ class DemoBackend:
         # so that the count below is the count trained on.
         size = config.resolution or self.pipeline().default_size()
         check_uploads(photos, dataclasses.replace(limits, min_side=size))
-        with self._quota_lock:
-            check_quota(photos, _photo_bytes(space.folder), self.kept_photo_bytes(), limits)
-            space.store.create(name)
-            try:
-                copied = copy_uploads(photos, folder / "photos")
-            except BaseException:
-                space.store.discard(name)
-                raise
+        copied = self._store_photos(space, name, photos)
         try:
             if progress is not None:
                 progress(0, desc="loading the base model")
@@ -510,6 +503,17 @@ class DemoBackend:
             subject,
         )
 
+    def _store_photos(self, space: SessionSpace, name: str, photos) -> list[Path]:
+        """A new subject `name` holding copies of the checked uploads, within the quotas; returns the copies."""
+        with self._quota_lock:
+            check_quota(photos, _photo_bytes(space.folder), self.kept_photo_bytes(), self.upload_limits)
+            space.store.create(name)
+            try:
+                return copy_uploads(photos, space.store.folder(name) / "photos")
+            except BaseException:
+                space.store.discard(name)
+                raise
+
     def _personalize_without_training(self, space: SessionSpace, files, entry, class_noun: str, name: str):
         """A subject from photos at once (an ID adapter: their embedding), shown with images of it."""
         from pimg.imaging import grid
@@ -519,14 +523,7 @@ class DemoBackend:
         stem = f"{class_noun.replace(' ', '_')}_{entry.name.replace('-', '_')}"
         name = (name or "").strip() or _free_name(space, stem)
         folder = space.store.folder(name)
-        with self._quota_lock:
-            check_quota(photos, _photo_bytes(space.folder), self.kept_photo_bytes(), self.upload_limits)
-            space.store.create(name)
-            try:
-                copied = copy_uploads(photos, folder / "photos")
-            except BaseException:
-                space.store.discard(name)
-                raise
+        copied = self._store_photos(space, name, photos)
         try:
             yield TrainUpdate(f"Making **{name}** ({entry.label}, no training) from {len(copied)} photo(s)…")
             out = folder / "result"
