@@ -278,3 +278,13 @@ def test_subject_crop_centres_the_subject_and_leaves_busy_photos_alone():
         assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 == 48  # scaled to 3/4 of the side
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert np.array_equal(subject_crop(noise), noise)
+
+
+def test_train_id_adapter_takes_no_subject_flags():
+    from pimg.frontends.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "id-adapter", "--kind", "clip", "--batch-size", "4", "--steps", "9"])
+    assert vars(args)["cfg.kind"] == "clip" and vars(args)["cfg.loop.steps"] == 9
+    with pytest.raises(SystemExit):  # it learns across many subjects: there is no --photos to give
+        parser.parse_args(["train", "id-adapter", "--photos", "my_star/"])

@@ -148,44 +148,49 @@ def _train_overrides(args) -> tuple[dict, dict]:
     return overrides, sources
 
 
-def _add_train_parser(sub) -> None:
-    from pimg.methods import list_methods
+def _add_common_train_arguments(parser, method) -> None:
+    """The flags every `pimg train METHOD` shares, each only where the method's config has its key
+    (`pimg train id-adapter` takes no --photos: it trains across many subjects)."""
+
+    def add(*flags, **kwargs):
+        dest = kwargs.get("dest", "")
+        if not dest.startswith("cfg.") or method.has_setting(dest[4:].split(".")[0]):
+            parser.add_argument(*flags, **kwargs)
 
     # None defaults mean "not given": the preset (or the method's default) decides, and --resume
     # keeps the saved value. The help says what that default is.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    add(
         "--base",
         dest="cfg.base",
         metavar="BASE",
         help="built-in name (tiny), diffusers folder, file or hub id (default: tiny)",
     )
-    common.add_argument(
+    add(
         "--photos",
         dest="cfg.photos",
         metavar="DIR",
         help="folder of the subject's photos (+ optional .txt captions); required",
     )
-    common.add_argument(
+    add(
         "--token",
         dest="cfg.token",
         metavar="WORD",
         help="word bound to the subject (default: sks; ti: <sks>); ti and --pivotal need a new one, "
         "e.g. '<sks>'",
     )
-    common.add_argument(
+    add(
         "--class-noun",
         dest="cfg.class_noun",
         metavar="WORD",
         help="what the subject is, e.g. dog; required",
     )
-    common.add_argument(
+    add(
         "--config",
         default=None,
         help="YAML file or installed preset name (e.g. lora_sd15); default: the built-in base's preset "
         "(configs/<method>_tiny.yaml for tiny), else the method's defaults",
     )
-    common.add_argument(
+    add(
         "--steps",
         dest="cfg.loop.steps",
         metavar="N",
@@ -193,34 +198,34 @@ def _add_train_parser(sub) -> None:
         help="optimizer steps in all (default: the preset's, e.g. 400 for lora on tiny); with --resume, "
         "more steps train on",
     )
-    common.add_argument(
+    add(
         "--lr",
         dest="cfg.loop.learning_rate",
         metavar="LR",
         type=float,
         help="peak learning rate (default: the preset's, else the method's)",
     )
-    common.add_argument(
+    add(
         "--batch-size",
         dest="cfg.batch_size",
         metavar="N",
         type=int,
         help="photos per micro-batch (default: the preset's, e.g. 4 on tiny, else 1)",
     )
-    common.add_argument(
+    add(
         "--resolution",
         dest="cfg.resolution",
         metavar="PX",
         type=int,
         help="training size, a multiple of 8 (default: the base's: tiny 64, SD 1.5 512, SDXL 1024)",
     )
-    common.add_argument(
+    add(
         "--mixed-precision",
         dest="cfg.loop.mixed_precision",
         choices=("no", "bf16", "fp16"),
         help="autocast precision (default: no, i.e. fp32; fp16 needs CUDA)",
     )
-    common.add_argument(
+    add(
         "--seed",
         dest="cfg.loop.seed",
         metavar="N",
@@ -228,33 +233,33 @@ def _add_train_parser(sub) -> None:
         help="seed of every random draw of the run; -1 draws one, printed and saved in config.json "
         "(default: 0)",
     )
-    common.add_argument(
+    add(
         "--checkpoint-every",
         dest="cfg.loop.checkpoint_every",
         metavar="N",
         type=int,
         help="write a resumable checkpoint every N steps (default: 0, only at the end)",
     )
-    common.add_argument(
+    add(
         "--sample-every",
         dest="cfg.loop.sample_every",
         metavar="N",
         type=int,
         help="draw sample images every N steps (default: 0, only at the end)",
     )
-    common.add_argument(
+    add(
         "--out",
         dest="cfg.out_dir",
         metavar="DIR",
         help="output folder (default: out/train); with --resume, the run to continue",
     )
-    common.add_argument(
+    add(
         "--resume",
         action="store_true",
         help="continue the run in --out from its newest checkpoint with its saved config.json; flags "
         "given again must agree with it, except --steps, --checkpoint-every, --sample-every",
     )
-    common.add_argument(
+    add(
         "--set",
         action="append",
         type=_set_arg,
@@ -262,11 +267,16 @@ def _add_train_parser(sub) -> None:
         help="any config key, e.g. loop.warmup_steps=50 (repeatable; wins over the flags)",
     )
 
+
+def _add_train_parser(sub) -> None:
+    from pimg.methods import list_methods
+
     methods = list_methods()
     train = sub.add_parser("train", help=f"learn a subject from photos: {', '.join(m.name for m in methods)}")
     method_parsers = train.add_subparsers(dest="method", required=True)
     for method in methods:
-        parser = method_parsers.add_parser(method.name, parents=[common], help=method.summary)
+        parser = method_parsers.add_parser(method.name, help=method.summary)
+        _add_common_train_arguments(parser, method)
         for flag in method.flags:
             if flag.type is None:
                 action = "store_true" if flag.switch else "store_false"
