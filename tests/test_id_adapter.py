@@ -282,6 +282,12 @@ def test_subject_crop_centres_the_subject_and_leaves_busy_photos_alone():
 
 def test_train_id_adapter_takes_no_subject_flags():
     from pimg.frontends.cli import build_parser
+    from pimg.trainers.id_adapter import IdAdapterTrainConfig
+
+    with pytest.raises(InputError, match="has 4 tokens"):
+        IdAdapterTrainConfig(num_tokens=8)
+    with pytest.raises(InputError, match="no faces"):
+        IdAdapterTrainConfig(kind="faceid")  # data "toy"
 
     parser = build_parser()
     args = parser.parse_args(["train", "id-adapter", "--kind", "clip", "--batch-size", "4", "--steps", "9"])

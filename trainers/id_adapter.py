@@ -62,7 +62,8 @@ class IdAdapterTrainConfig:
         out_dir: where the adapter, checkpoints, samples and logs go.
         resolution: training size; None: the base's native size.
         batch_size: subjects per micro-batch (one conditioning photo and one target photo each).
-        num_tokens: image tokens per cross-attention layer (IP-Adapter and FaceID use 4).
+        num_tokens: image tokens per cross-attention layer (IP-Adapter and FaceID use 4; diffusers
+            reads IP-Adapter's linear projection as 4 tokens, so the clip kind takes 4 only).
         image_drop, text_drop, both_drop: shares of examples trained without the image, the text or both.
         noise_offset, min_snr_gamma: as in the base's training (see `denoising_loss`).
         sample_subjects: subjects shown in the sample grid (generated ones, not evaluation subjects).
@@ -100,6 +101,11 @@ class IdAdapterTrainConfig:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.num_tokens < 1:
             raise InputError(f"num_tokens must be >= 1, got {self.num_tokens}.")
+        if self.kind == "clip" and self.num_tokens != 4:
+            # diffusers reads IP-Adapter's linear projection as 4 tokens whatever its size
+            raise InputError(
+                f"the clip kind (IP-Adapter's projection) has 4 tokens; got num_tokens={self.num_tokens}."
+            )
         drops = (self.image_drop, self.text_drop, self.both_drop)
         if any(d < 0 for d in drops) or sum(drops) >= 1:
             raise InputError(
