@@ -15,7 +15,7 @@ it holds.
 
 Example:
     >>> [m.name for m in list_methods()]
-    ['lora', 'dreambooth', 'ti', 'id-adapter']
+    ['lora', 'dreambooth', 'ti', 'id-adapter', 'hypernet']
     >>> result = load_result("out/sks", scale=0.8)
     >>> for part in result.parts: pp.add(part)
 """
@@ -75,10 +75,12 @@ class Method:
         whole_model: the result folder is a full pipeline, used as the base (DreamBooth).
         flags: method-specific CLI flags.
         variants: evaluation variants, name -> config overrides (`pimg eval toysubject --method`).
-        personalize: for a method whose training is done once for all subjects (an ID adapter),
-            `personalize(photos, out_dir, *, base, model=None) -> Path`: a subject's result folder made
-            from its photos with no training ("module:function" or the function); `pimg eval
-            toysubject` and the demo call it instead of training. None: a subject is trained.
+        personalize: for a method whose training is done once for all subjects (an ID adapter, a
+            hypernetwork), `personalize(photos, out_dir, *, base, model=None, ...) -> Path`: a subject's
+            result folder made from its photos with no training ("module:function" or the function);
+            `pimg eval toysubject` and the demo call it instead of training, and pass `finetune_steps`,
+            `class_noun` and `pipe` (a loaded base) when it takes them. The folder's `config.json`
+            names the word the subject is bound to as `token` ("" for none). None: a subject is trained.
     """
 
     name: str
@@ -273,6 +275,18 @@ register(
         flags=(
             Flag("--kind", "kind", "clip (IP-Adapter, any subject) or faceid (a face embedding)", type=str),
         ),
+    )
+)
+register(
+    Method(
+        name="hypernet",
+        label="Hypernetwork",
+        summary="train a hypernetwork that predicts a subject's LoRA from its photos in one pass",
+        config="pimg.hypernets.training:HypernetTrainConfig",
+        trainer="pimg.hypernets.training:HypernetMethod",
+        result_files=("hypernet.safetensors",),
+        parts="pimg.hypernets.predict:hypernet_parts",
+        personalize="pimg.hypernets.predict:personalize",
     )
 )
 

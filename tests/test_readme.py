@@ -3,7 +3,7 @@
 Every command of the README's bash blocks is parsed by the real parser (so a renamed or missing flag
 fails here); the ones that run on `tiny` in seconds then run through `pimg.frontends.cli.main`.
 Only speed flags are appended, and argparse takes the last of a repeated flag, so every flag as written
-is still parsed and used: one denoising step for generation, one training step and a one-image,
+is still parsed and used: one denoising step for generation, one fine-tune step for a prediction, one training step and a one-image,
 one-step sample grid for training (DreamBooth: one class image). The commands that need data,
 weights or hours are skipped with the reason in `SKIPPED`.
 """
@@ -80,6 +80,8 @@ def fast(argv: list[str]) -> list[str]:
     """`argv` with the speed flags appended (see the module docstring)."""
     if argv[0] in ("generate", "compose"):
         return [*argv, "--steps", "1"]
+    if argv[:2] == ["hypernet", "predict"] and "--finetune-steps" in argv:
+        return [*argv, "--finetune-steps", "1"]
     if argv[0] == "train" and "--resume" in argv:
         return [*argv, "--steps", "2"]  # one step more than the run it continues
     if argv[0] == "train":
@@ -109,7 +111,7 @@ def test_the_readme_has_the_commands_this_file_expects():
     assert any(a[:2] == ["train", "lora"] and "--resume" in a for a in COMMANDS)
     assert any("--embedding" in a for a in COMMANDS)
     runnable = [a for a in COMMANDS if skip_reason(a) is None]
-    assert {a[0] for a in runnable} == {"generate", "compose", "models", "env", "train"}
+    assert {a[0] for a in runnable} == {"generate", "compose", "models", "env", "train", "hypernet"}
 
 
 @pytest.mark.parametrize("argv", [a for a in COMMANDS if skip_reason(a)], ids=lambda a: " ".join(a[:3])[:50])

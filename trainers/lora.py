@@ -46,6 +46,10 @@ class LoraTrainConfig(SubjectConfig):
             tokens starts vector i at token i).
         embedding_learning_rate: learning rate of the new vectors (the LoRA uses `loop.learning_rate`).
         adapter_name: the peft adapter's name.
+        init_lora: a UNet LoRA file (either layout) to start from instead of zero, e.g. a hypernetwork's
+            prediction; its rank may be lower than `rank` ("rank relaxed", HyperDreamBooth sec. 3.3): its
+            factors fill the first ranks, the other ranks start as usual (random A, zero B), so step 0
+            generates exactly what the file does.
         loop: the training loop's settings.
     """
 
@@ -59,6 +63,7 @@ class LoraTrainConfig(SubjectConfig):
     init_word: str | None = None
     embedding_learning_rate: float = 5e-3
     adapter_name: str = "subject"
+    init_lora: str | None = None
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=400, learning_rate=1e-4))
 
     def __post_init__(self):
@@ -114,6 +119,8 @@ class LoraMethod(SubjectTraining):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.loop.seed)
             self._add_adapters(config)
+        if config.init_lora:
+            self._start_from(config.init_lora)
         self.finish_setup()
 
     def _add_adapters(self, config: LoraTrainConfig) -> None:
@@ -130,6 +137,36 @@ class LoraMethod(SubjectTraining):
                     )
         except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
             raise InputError(f"LoRA target modules do not fit this base: {exc}") from exc
+
+    @torch.no_grad()
+    def _start_from(self, path: str) -> None:
+        """Copy a LoRA file's factors into the first ranks of the adapter (see `init_lora`)."""
+        from pimg.formats.lora import load_lora_state_dict
+
+        c = self.config
+        state = load_lora_state_dict(path, {"unet": self.pipe.unet, **self.text_components()})
+        modules = dict(self.pipe.unet.named_modules())
+        for key, down in state.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            component, _, name = key.removesuffix(".lora_A.weight").partition(".")
+            module = modules.get(name) if component == "unet" else None
+            if module is None or c.adapter_name not in getattr(module, "lora_A", {}):
+                raise InputError(
+                    f"init_lora {path} has a layer ({key.removesuffix('.lora_A.weight')}) this LoRA does not "
+                    "train; add it to target_modules (or train_text_encoder) so the start is the file."
+                )
+            up = state[key.replace(".lora_A.", ".lora_B.")]
+            if down.shape[0] > c.rank:
+                raise InputError(
+                    f"init_lora {path} has rank {down.shape[0]}, above rank {c.rank}: raise rank to at least it."
+                )
+            a, b = module.lora_A[c.adapter_name].weight, module.lora_B[c.adapter_name].weight
+            rank = down.shape[0]
+            a[:rank] = down.to(a)
+            # the file's lora_B has its scale folded in; peft multiplies by alpha / rank again
+            b[:, :rank] = up.to(b) / module.scaling[c.adapter_name]
+            b[:, rank:] = 0
 
     def expand_prompt(self, prompt: str) -> str:
         return self.tokens[0].expand(prompt) if self.tokens else prompt

@@ -51,8 +51,12 @@ class ToySubjectEvalConfig:
             table is printed. Empty: only at 1.
         beside: a report.json of another method's run on the same subjects and seeds (e.g. LoRA's):
             its figures are printed next to these.
-        model: for a method that personalizes without training (an ID adapter), the model it uses
-            (adapter file or folder); None: the one shipped for the base.
+        model: for a method that personalizes without training (an ID adapter, a hypernetwork), the
+            model it uses (adapter or hypernetwork file or folder); None: the one shipped for the base.
+        finetune_steps: for such a method, continue from its result with this many training steps
+            (the hypernetwork's fast fine-tune); 0: none.
+        hm_cfg: sample the subject's LoRA with Hybrid-Model CFG at this subject scale
+            (`pimg.inference.hybrid_guidance`; the base scale is the guidance); None: plain guidance.
         out_dir: report, sample grid and per-subject runs; None: `out/eval-toysubject-<method>`.
     """
 
@@ -70,6 +74,8 @@ class ToySubjectEvalConfig:
     seed: int = 1234
     scales: tuple[float, ...] = ()
     model: str | None = None
+    finetune_steps: int = 0
+    hm_cfg: float | None = None
     beside: str | None = None
     out_dir: str | None = None
 
@@ -80,6 +86,8 @@ class ToySubjectEvalConfig:
             raise InputError(f"subjects must be >= 1, got {self.subjects}.")
         if self.images_per_background < 1:
             raise InputError(f"images_per_background must be >= 1, got {self.images_per_background}.")
+        if self.finetune_steps < 0:
+            raise InputError(f"finetune_steps must be >= 0, got {self.finetune_steps}.")
 
 
 def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, overrides: dict):
@@ -143,11 +151,20 @@ def evaluate_subject(
     class_words = f"a {subject.class_noun}"
     began = time.time()
     if personalize is not None:
-        # No training: the subject is its photos' embedding, used with the plain class prompt (a
-        # user gives the photo, not a caption of it).
+        # No training (or a short fine-tune): the subject comes from its photos alone, without
+        # captions (a user gives the photos, not a description of them).
         base = config.base
-        result = personalize(photos, run_dir / "result", base=base, model=config.model)
-        subject_words, record = class_words, {"model": config.model}
+        result = personalize(
+            photos,
+            run_dir / "result",
+            base=base,
+            model=config.model,
+            **_personalize_extras(personalize, config, subject, base_pipe),
+        )
+        subject_words, record = class_words, {"model": config.model, "finetune_steps": config.finetune_steps}
+        token = _recorded(result).get("token")
+        if token:  # a predicted LoRA is bound to a word (the hypernetwork's `sks`)
+            subject_words = f"a {token} {subject.class_noun}"
     else:
         train_method, train_config = method_config(config, subject, run_dir, overrides)
         captions = None
@@ -162,7 +179,7 @@ def evaluate_subject(
     # base's images are drawn at the same guidance so the fidelities compare.
     guidance, _ = choose_guidance(base, [result], config.guidance_scale)
     _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
-    trained = _load_trained(base, result)
+    trained = _load_trained(base, result, hm_cfg=config.hm_cfg)
     images, fidelity, background = score(trained, subject, subject_words, config, guidance)
     # Drift (the class noun taking on the subject) needs a token; without one it is the fidelity itself.
     drift = (
@@ -172,13 +189,14 @@ def evaluate_subject(
     )
     by_scale = {}
     for scale in config.scales:
-        scaled = trained if scale == 1.0 else _load_trained(base, result, scale=scale)
+        scaled = trained if scale == 1.0 else _load_trained(base, result, scale=scale, hm_cfg=config.hm_cfg)
         _, scale_fidelity, scale_background = score(scaled, subject, subject_words, config, guidance)
         by_scale[f"{scale:g}"] = {"fidelity": scale_fidelity, "background_accuracy": scale_background}
     shutil.rmtree(result / "checkpoints", ignore_errors=True)  # the result is saved; keep the disk free
     row = {
         "subject": subject.name,
         "class_noun": subject.class_noun,
+        "prompt_words": subject_words,
         "backgrounds": list(subject.backgrounds),
         "fidelity": fidelity,
         "background_accuracy": background,
@@ -186,6 +204,7 @@ def evaluate_subject(
         "base_background_accuracy": base_background,
         "drift_fidelity": drift,
         "train_seconds": train_seconds,
+        **{k: v for k, v in _recorded(result).items() if k in ("predict_seconds", "finetune_seconds")},
         "guidance_scale": guidance,
         "by_scale": by_scale,
         "train_config": record,
@@ -220,6 +239,7 @@ def evaluate_subjects(
         grid_rows.append(photos + generated)
         print(_format_row(row), flush=True)
     keys = ("fidelity", "background_accuracy", "base_fidelity", "drift_fidelity", "train_seconds")
+    keys += tuple(k for k in ("predict_seconds", "finetune_seconds") if all(k in r for r in rows))
     report = {
         "config": asdict(config),
         "overrides": overrides or {},
@@ -237,14 +257,48 @@ def evaluate_subjects(
     return report
 
 
-def _load_trained(base: str, result: Path, scale: float = 1.0):
+def _personalize_extras(personalize, config: ToySubjectEvalConfig, subject, base_pipe) -> dict:
+    """The optional arguments a method's `personalize` takes (fine-tune steps, class noun, a loaded base)."""
+    import inspect
+
+    accepted = inspect.signature(personalize).parameters
+    if config.finetune_steps and "finetune_steps" not in accepted:
+        raise InputError(f"method {config.method!r} has no fine-tune; leave --finetune-steps out.")
+    extras = {
+        "finetune_steps": config.finetune_steps,
+        "class_noun": subject.class_noun,
+        "pipe": base_pipe.pipe,
+    }
+    return {k: v for k, v in extras.items() if k in accepted and (k != "finetune_steps" or v)}
+
+
+def _recorded(result: Path) -> dict:
+    try:
+        return json.loads((Path(result) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_trained(base: str, result: Path, scale: float = 1.0, hm_cfg: float | None = None):
     """The trained result loaded the way a user loads it (`pimg.methods.load_result`): its parts on
-    the base, or its folder as the base for a whole-model method."""
+    the base, or its folder as the base for a whole-model method; with `hm_cfg`, its LoRA sampled by
+    Hybrid-Model CFG at that subject scale."""
+    from pimg.inference.parts import LoraPart
     from pimg.inference.pipeline import PersonalizedPipeline
 
     loaded = load_result(result, scale=scale)
     pipe = PersonalizedPipeline.from_base(loaded.base or base)
-    for part in loaded.parts:
+    parts = loaded.parts
+    if hm_cfg is not None:
+        from pimg.inference.hybrid_guidance import HybridGuidance
+
+        loras = [p for p in parts if isinstance(p, LoraPart)]
+        if not loras:
+            raise InputError(f"--hm-cfg needs a LoRA subject; {result} ({loaded.method.name}) has none.")
+        parts = [p for p in parts if not isinstance(p, LoraPart)] + [
+            HybridGuidance(loras, subject_scale=hm_cfg)
+        ]
+    for part in parts:
         pipe.add(part)
     pipe.pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -255,6 +309,7 @@ def _format_row(row: dict) -> str:
         f"{row['subject']:28s} fidelity {row['fidelity']:.3f}  background {100 * row['background_accuracy']:5.1f}%  "
         f"base {row['base_fidelity']:.3f}  drift {row['drift_fidelity']:.3f}  train {row['train_seconds']:5.1f} s"
         + (f"  guidance {row['guidance_scale']:g}" if "guidance_scale" in row else "")
+        + (f"  predict {row['predict_seconds']:.2f} s" if "predict_seconds" in row else "")
     )
 
 
@@ -304,4 +359,8 @@ def format_beside(report: dict, other: dict) -> str:
         lines.append(
             f"{'time per subject (s)':28s} {mean(shared, 'train_seconds'):14.1f} {mean(others, 'train_seconds'):14.1f}"
         )
+        theirs_time = mean(others, "train_seconds")
+        for key, what in (("train_seconds", "all it did"), ("predict_seconds", "the prediction alone")):
+            if all(key in r for r in shared) and mean(shared, key) > 0:
+                lines.append(f"{b} time / {a} time ({what}): {theirs_time / mean(shared, key):.1f}x")
     return "\n".join(lines)

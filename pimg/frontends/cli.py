@@ -63,6 +63,7 @@ def cmd_generate(args) -> None:
         out_dir=args.out,
         device=args.device,
         config_folder=args.config_folder,
+        hm_cfg=getattr(args, "hm_cfg", None),
     )
     run_generate(request)
 
@@ -313,6 +314,8 @@ def cmd_eval_toysubject(args) -> None:
         scales=tuple(args.scales) if args.scales else None,
         model=args.model,
         beside=args.beside,
+        finetune_steps=args.finetune_steps,
+        hm_cfg=args.hm_cfg,
     )
     config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
     evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
@@ -732,6 +735,51 @@ def _add_compose_parser(sub) -> None:
     c.set_defaults(func=cmd_generate)
 
 
+def cmd_hypernet_predict(args) -> None:
+    import json
+
+    from pimg.hypernets.predict import personalize
+
+    out = personalize(
+        args.photos,
+        args.out,
+        base=args.base,
+        model=args.hypernet,
+        finetune_steps=args.finetune_steps,
+        class_noun=args.class_noun or "",
+    )
+    record = json.loads((out / "config.json").read_text())
+    tuned = f", fine-tune {record['finetune_seconds']:.1f} s" if record.get("finetune_seconds") else ""
+    print(
+        f"pimg: predicted from {record['photos']} photo(s) in {record['predict_seconds']:.2f} s (loading "
+        f"{record['load_seconds']:.1f} s{tuned}); the subject is a LoRA bound to '{record['token']}': {out}"
+    )
+
+
+def _add_hypernet_parser(sub) -> None:
+    hn = sub.add_parser("hypernet", help="a subject's LoRA from its photos in one pass (hypernetwork)")
+    hn_sub = hn.add_subparsers(dest="hypernet_command", required=True)
+    p = hn_sub.add_parser(
+        "predict", help="predict a subject's LoRA from its photos; writes a LoRA result folder"
+    )
+    p.add_argument("--photos", required=True, help="folder of the subject's photos (1 or more)")
+    p.add_argument("--out", required=True, help="the result folder (LoRA, kohya export, model card, config)")
+    p.add_argument("--base", default="tiny", help="base model (default: %(default)s)")
+    p.add_argument(
+        "--hypernet", default=None, help="hypernetwork folder (default: the one shipped for the base)"
+    )
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="continue with this many LoRA steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--class-noun", default=None, help="the subject's class noun, for the fine-tune's captions"
+    )
+    p.set_defaults(func=cmd_hypernet_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimg", description="Personalized text-to-image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -739,10 +787,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from a base model plus LoRAs and embeddings")
     _add_generation_arguments(g)
     _add_id_adapter_arguments(g)
+    g.add_argument(
+        "--hm-cfg",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="sample the --lora subjects with Hybrid-Model CFG at this subject scale (the base's scale is "
+        "--guidance); default: plain guidance",
+    )
     g.set_defaults(func=cmd_generate)
     _add_compose_parser(sub)
 
     _add_train_parser(sub)
+    _add_hypernet_parser(sub)
 
     m = sub.add_parser("models", help="list built-in models and where their files are")
     m.set_defaults(func=cmd_models)
@@ -850,7 +907,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score at these scales, e.g. 0,0.25,0.5,0.75,1 (LoRA or ID adapter scale)",
     )
     ets.add_argument(
-        "--model", default=None, help="ID adapter file or folder (default: the one shipped for the base)"
+        "--model",
+        default=None,
+        help="ID adapter or hypernetwork file or folder (default: the one shipped for the base)",
+    )
+    ets.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=None,
+        help="hypernet: fine-tune each prediction this many LoRA steps (default 0)",
+    )
+    ets.add_argument(
+        "--hm-cfg",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="sample with Hybrid-Model CFG at this subject scale (default: plain guidance)",
     )
     ets.add_argument(
         "--beside", default=None, help="report.json of another method on the same subjects, shown beside"

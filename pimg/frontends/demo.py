@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
 import re
 import shutil
 import threading
@@ -515,7 +516,8 @@ class DemoBackend:
                 raise
 
     def _personalize_without_training(self, space: SessionSpace, files, entry, class_noun: str, name: str):
-        """A subject from photos at once (an ID adapter: their embedding), shown with images of it."""
+        """A subject from photos at once (an ID adapter: their embedding; a hypernetwork: its predicted
+        LoRA), shown with images of it."""
         from pimg.imaging import grid
         from pimg.methods import load_result
 
@@ -529,10 +531,12 @@ class DemoBackend:
             out = folder / "result"
             with BUILD_LOCK:
                 entry.personalize_function()(folder / "photos", out, base=self.base)
+            # an ID adapter's subject has no word; a hypernetwork's LoRA is bound to one (`sks`)
+            token = json.loads((out / "config.json").read_text()).get("token", "")
             subject = SavedSubject(
                 name=name,
                 method=entry.name,
-                token="",
+                token=token,
                 class_noun=class_noun,
                 base=self.base,
                 weights=out.relative_to(folder).as_posix(),

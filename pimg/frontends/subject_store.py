@@ -92,6 +92,8 @@ class SavedSubject:
         """A one-line description for lists."""
         if not self.token:  # made without training (an ID adapter's embedding of the photos)
             return f"{self.name} ({self.method}, {self.class_noun}, no training)"
+        if not self.steps:  # predicted without training (a hypernetwork's LoRA)
+            return f"{self.name} ({self.method}, '{self.token}' {self.class_noun}, no training)"
         return f"{self.name} ({self.method}, '{self.token}' {self.class_noun}, {self.steps} steps)"
 
 

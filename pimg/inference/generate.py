@@ -35,6 +35,8 @@ class GenerateRequest:
         id_scale: the ID adapter's weight.
         face_backend: a FaceID adapter's face embedder (None: the one it records, else insightface).
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
+        hm_cfg: sample the `loras` with Hybrid-Model CFG at this subject scale (the base's scale is
+            the guidance; `pimg.inference.hybrid_guidance`); None: they apply to every row, plain CFG.
     """
 
     base: str = "tiny"
@@ -62,6 +64,7 @@ class GenerateRequest:
     out_dir: str = "out"
     device: str = "auto"
     config_folder: str | None = None
+    hm_cfg: float | None = None
 
     def validate(self) -> None:
         """Cheap checks before any model loads, so a typo fails in a second, not after loading.
@@ -175,8 +178,16 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     pp.pipe.set_progress_bar_config(disable=True)
     for path, token in request.embeddings:
         pp.add(EmbeddingPart(path, token))
-    for path, scale in request.loras:
-        pp.add(LoraPart(path, scale))
+    loras = [LoraPart(path, scale) for path, scale in request.loras]
+    if request.hm_cfg is not None:
+        from pimg.inference.hybrid_guidance import HybridGuidance
+
+        if not loras:
+            raise InputError("--hm-cfg needs the subject as --lora (its LoRA is the personalised model).")
+        pp.add(HybridGuidance(loras, subject_scale=request.hm_cfg))
+    else:
+        for lora in loras:
+            pp.add(lora)
     if request.id_images or request.id_embedding:
         from pimg.inference.id_adapter import part_from_request
 
