@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from pimg.embedders import ClipImageEmbedder
+from pimg.models import toy_clip_folder
 from pimg.toyworld.subjects import random_subject
-from pimg.trainers.id_adapter import toy_image_encoder
 
 
 def top1(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -33,7 +33,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     pairs = [random_subject(rng).photos(2, seed=i) for i in range(args.subjects)]
     for crop in (False, True):
-        embedder = ClipImageEmbedder(toy_image_encoder(), crop=crop)
+        embedder = ClipImageEmbedder(toy_clip_folder(), crop=crop)
         first = embedder.embed([p[0] for p in pairs])
         second = embedder.embed([p[1] for p in pairs])
         what = "subject crops" if crop else "whole photos"

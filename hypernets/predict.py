@@ -38,24 +38,6 @@ def default_hypernet(base: str) -> Path:
     return folder
 
 
-def read_photos(photos) -> tuple[list, list[str]]:
-    """A folder, paths or arrays -> (photos, names); a clear error for an empty folder."""
-    from pimg.photos import PHOTO_SUFFIXES
-
-    if isinstance(photos, str | Path):
-        folder = Path(photos)
-        if not folder.is_dir():
-            raise InputError(f"{folder} is not a folder of photos.")
-        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-        if not photos:
-            raise InputError(f"{folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}).")
-    photos = list(photos)
-    if not photos:
-        raise InputError("no photos given: the hypernetwork needs 1 or more photos of the subject.")
-    names = [str(p) if isinstance(p, str | Path) else f"photo {i + 1}" for i, p in enumerate(photos)]
-    return photos, names
-
-
 def personalize(
     photos,
     out_dir: str | Path,
@@ -82,8 +64,9 @@ def personalize(
     """
     from pimg.hypernets.lidb import save_lidb_lora
     from pimg.hypernets.model import Hypernetwork
+    from pimg.photos import photo_inputs
 
-    photos, names = read_photos(photos)
+    photos, names = photo_inputs(photos)
     began = time.perf_counter()
     if pipe is None:
         from pimg.models import load_base

@@ -91,13 +91,6 @@ class HypernetTrainConfig:
             raise InputError(f"token must be one word, e.g. 'sks'; got {self.token!r}.")
 
 
-def toy_image_encoder() -> Path:
-    """The toy CLIP (its vision tower is the toy hypernetwork's encoder)."""
-    from pimg.models import BUILTIN_MODELS
-
-    return BUILTIN_MODELS["tiny"].folder / "clip"
-
-
 def toy_caption(token: str, subject, background: str) -> str:
     """A toy photo's caption: the token, the class noun and the background, nothing of the subject's look."""
     return f"a {token} {subject.class_noun} on a {background} background"
@@ -122,7 +115,7 @@ class HypernetMethod:
         from accelerate import PartialState
 
         from pimg.hypernets.lidb import LidbSpace
-        from pimg.models import load_base
+        from pimg.models import load_base, toy_clip_folder
 
         self.config = config
         self.device = PartialState().device
@@ -146,7 +139,7 @@ class HypernetMethod:
                 raise InputError(
                     "image_encoder is needed on bases other than tiny: a CLIP vision or DINOv2 hub id or folder."
                 )
-            source = toy_image_encoder()
+            source = toy_clip_folder()
         encoder = PhotoEncoder(source, config.architecture.subject_crop)
         # The space's bases come from a seed: the same in every process and every resumed run.
         space = LidbSpace.from_unet(self.pipe.unet, config.architecture.lidb)

@@ -215,3 +215,8 @@ def recommended_guidance(base: str) -> float:
 def is_toy_model_folder(base: str) -> bool:
     """Is `base` a toy-world model folder (a pipeline with its `clip/`, as `pimg toyworld train-base` writes)?"""
     return (Path(base) / "clip" / "config.json").is_file()
+
+
+def toy_clip_folder() -> Path:
+    """The toy CLIP beside `tiny` (its vision tower encodes photos for the toy ID adapter and hypernetwork)."""
+    return BUILTIN_MODELS["tiny"].folder / "clip"

@@ -265,3 +265,21 @@ def save_photos(folder: str | Path, images: list[np.ndarray], captions: list[str
         if captions is not None:
             (folder / f"photo_{i:02d}{CAPTION_SUFFIX}").write_text(captions[i] + "\n", encoding="utf-8")
     return folder
+
+
+def photo_inputs(photos) -> tuple[list, list[str]]:
+    """Photos given as a folder, paths or arrays -> (the photos, a name for each, for messages).
+
+    A folder gives its photo files in name order (`PHOTO_SUFFIXES`); an empty folder or list is refused.
+    """
+    if isinstance(photos, str | Path):
+        folder = Path(photos)
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder of photos.")
+        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+        if not photos:
+            raise InputError(f"{folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}).")
+    photos = list(photos)
+    if not photos:
+        raise InputError("no photos given: give 1 or more photos of the subject.")
+    return photos, [str(p) if isinstance(p, str | Path) else f"photo {i + 1}" for i, p in enumerate(photos)]

@@ -523,6 +523,30 @@ def test_id_adapter_makes_a_subject_from_one_photo_without_training(tmp_path):
     assert backend.pipeline().parts == {}
 
 
+def test_hypernetwork_predicts_a_subject_without_training(tmp_path):
+    backend = DemoBackend("tiny", tmp_path / "out", "cpu")
+    assert ("Hypernetwork (no training)", "Hypernetwork") in method_labels()
+    session = backend.new_session()
+    photos = toy_uploads(tmp_path / "up", "ringed_star_rgb", n=2)
+    updates = list(backend.personalize(session, photos, "Hypernetwork", "", "star", 0, "instant"))
+    subject = updates[-1].subject
+    # the predicted LoRA is bound to the hypernetwork's word, which the saved prompt carries
+    assert (
+        subject.method == "hypernet" and subject.prompt == "a sks star" and "no training" in subject.label()
+    )
+    generated = backend.generate(
+        session,
+        BASE_CHOICE,
+        [("instant", 0.8)],
+        "a sks star on a green background",
+        num_inference_steps=2,
+        num_images=1,
+    )
+    (part,) = generated.settings[0]["parts"]
+    assert part["kind"] == "lora" and part["scale"] == 0.8
+    assert backend.pipeline().parts == {}
+
+
 # ------------------------------------------------------------------------------------------ compose
 
 

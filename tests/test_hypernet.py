@@ -411,3 +411,19 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
     assert (
         row["prompt_words"] == f"a sks {row['class_noun']}"
     )  # the predicted LoRA's word, not the class alone
+
+
+# ------------------------------------------------------------------------------------------ shipped
+
+
+def test_shipped_tiny_hypernetwork_is_small_and_predicts_a_loadable_lora(tmp_path):
+    from pimg.hypernets.predict import default_hypernet, personalize
+
+    folder = default_hypernet("tiny")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 10 * 2**20, f"the shipped hypernetwork is {size / 2**20:.1f} MB (the bound is 10 MB)"
+    out = personalize(_photos(4), tmp_path / "subject", base="tiny")
+    assert json.loads((out / "config.json").read_text())["predict_seconds"] < 5
+    pipe = load_base("tiny")
+    pipe.load_lora_weights(str(out), adapter_name="subject")
+    assert "subject" in pipe.get_active_adapters()

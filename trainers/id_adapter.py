@@ -115,13 +115,6 @@ class IdAdapterTrainConfig:
             raise InputError("the toy world has no faces: data 'toy' trains the clip kind only.")
 
 
-def toy_image_encoder() -> Path:
-    """The toy CLIP (its vision tower is the toy adapter's image encoder)."""
-    from pimg.models import BUILTIN_MODELS
-
-    return BUILTIN_MODELS["tiny"].folder / "clip"
-
-
 def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
     """The frozen embedder the adapter is conditioned on (`pimg.embedders`)."""
     from pimg.embedders import ClipImageEmbedder, FaceEmbedder
@@ -136,7 +129,9 @@ def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
             raise InputError(
                 "image_encoder is needed on bases other than tiny: a CLIP vision hub id or folder."
             )
-        source = toy_image_encoder()
+        from pimg.models import toy_clip_folder
+
+        source = toy_clip_folder()
     return ClipImageEmbedder(source, crop=config.subject_crop, device=device)
 
 

@@ -193,18 +193,11 @@ def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str |
         `out_dir`, holding `id_embedding.safetensors` and `config.json` (method id-adapter).
     """
     from pimg.formats.safetensors_io import write_safetensors_atomically
-    from pimg.photos import PHOTO_SUFFIXES
+    from pimg.photos import photo_inputs
 
     adapter = resolve_adapter(model, base)
-    if isinstance(photos, str | Path):
-        folder = Path(photos)
-        if not folder.is_dir():
-            raise InputError(f"{folder} is not a folder of photos.")
-        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-        if not photos:
-            raise InputError(f"{folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}).")
+    photos, names = photo_inputs(photos)
     embedder = embedder_for(adapter)
-    names = [str(p) if isinstance(p, str | Path) else f"photo {i + 1}" for i, p in enumerate(photos)]
     embedding = (
         embedder.embed(list(photos), names) if embedder.kind == "face" else embedder.embed(list(photos))
     )
