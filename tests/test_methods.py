@@ -92,11 +92,11 @@ def test_unregistered_names_are_refused_with_the_valid_ones():
 
     with pytest.raises(
         InputError,
-        match="unknown method 'loar'; the methods are lora, dreambooth, ti, id-adapter. Did you mean 'lora'",
+        match="unknown method 'loar'; the methods are lora, dreambooth, ti, id-adapter, hypernet. Did you mean 'lora'",
     ):
         get_method("loar")
     with pytest.raises(InputError, match="the methods are"):
-        SavedSubject("x", "hypernet", "sks", "star", "tiny", "train")
+        SavedSubject("x", "hyperdream", "sks", "star", "tiny", "train")
     with pytest.raises(InputError, match="already registered"):
         register(get_method("lora"))
 
@@ -162,6 +162,8 @@ def test_method_names_are_literals_only_in_the_registry_and_the_methods():
     """`grep` for the method names as string literals outside the places that may name them."""
     allowed = {"pimg/methods.py", "trainers/lora.py", "trainers/dreambooth.py", "trainers/ti.py"}
     allowed |= {"trainers/id_adapter.py", "pimg/inference/id_adapter.py"}
+    # the hypernetwork's modules; its fine-tune continues with the LoRA method by name
+    allowed |= {"hypernets/training.py", "hypernets/predict.py"}
     pattern = r"[\"'](lora|dreambooth|ti|pivotal|dreambooth-noprior|id-adapter)[\"']"
     found = subprocess.run(
         ["grep", "-rnE", pattern, "pimg", "trainers", "metrics", "hypernets", "app.py", "--include=*.py"],
