@@ -230,9 +230,9 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
         load_train_config("lora", yaml)
     with pytest.raises(InputError, match="learning_rate"):
         load_train_config("ti", None, {"loop.learning_rat": 1.0})
-    with pytest.raises(InputError, match="methods are lora, dreambooth, ti, id-adapter"):
-        load_train_config("hypernet")
-    assert [m.name for m in list_methods()] == ["lora", "dreambooth", "ti", "id-adapter"]
+    with pytest.raises(InputError, match="methods are lora, dreambooth, ti, id-adapter, hypernet"):
+        load_train_config("hyperdream")
+    assert [m.name for m in list_methods()] == ["lora", "dreambooth", "ti", "id-adapter", "hypernet"]
 
 
 @pytest.mark.parametrize(
