@@ -32,6 +32,7 @@ from pimg.trainers.diffusion_training import (
     TextConditioner,
     denoising_loss,
     encode_latents,
+    frozen_base,
     sdxl_time_ids,
     training_noise_scheduler,
 )
@@ -115,7 +116,7 @@ class HypernetMethod:
         from accelerate import PartialState
 
         from pimg.hypernets.lidb import LidbSpace
-        from pimg.models import load_base, toy_clip_folder
+        from pimg.models import toy_clip_folder
 
         self.config = config
         self.device = PartialState().device
@@ -124,13 +125,7 @@ class HypernetMethod:
             raise InputError(
                 "data 'toy' trains on toy-world photos: use it with base tiny (or a toy base folder)."
             )
-        self.pipe = load_base(config.base)
-        self.pipe.set_progress_bar_config(disable=True)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).requires_grad_(False)
-        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
-        self.resolution = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.pipe, self.sdxl, self.resolution = frozen_base(config.base, config.resolution)
         self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
         self.conditioner = TextConditioner.from_pipeline(self.pipe)
         source = config.image_encoder

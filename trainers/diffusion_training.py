@@ -395,3 +395,20 @@ def save_new_tokens(out_dir, token: str, tokens: list[NewTokens]) -> str:
         {"format": "pt", "token": token},
     )
     return filename
+
+
+def frozen_base(base: str, resolution: int | None = None):
+    """A base pipeline for methods that train modules beside it: every component frozen, no progress bar.
+
+    Returns:
+        (pipe, is_sdxl, training resolution: `resolution` or the base's native size).
+    """
+    from pimg.models import load_base
+
+    pipe = load_base(base)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return pipe, sdxl, resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -33,6 +33,7 @@ from pimg.trainers.diffusion_training import (
     TextConditioner,
     denoising_loss,
     encode_latents,
+    frozen_base,
     sdxl_time_ids,
     training_noise_scheduler,
 )
@@ -185,19 +186,11 @@ class IdAdapterMethod:
         from accelerate import PartialState
 
         from pimg.inference.id_adapter import load_adapter_into
-        from pimg.models import load_base
 
         self.config = config
         self.device = PartialState().device
         self.shard = Shard.of_process()
-        self.pipe = load_base(config.base)
-        self.pipe.set_progress_bar_config(disable=True)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            self.pipe.text_encoder_2.requires_grad_(False)
-        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
-        self.resolution = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.pipe, self.sdxl, self.resolution = frozen_base(config.base, config.resolution)
         self.embedder = build_embedder(config)
         self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
         self.conditioner = TextConditioner.from_pipeline(self.pipe)
