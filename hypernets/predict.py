@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from pimg.errors import InputError, ModelLoadError
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from pimg.methods import LORA_FILE
 
 
 def default_hypernet(base: str) -> Path:
@@ -64,8 +63,11 @@ def personalize(
     """
     from pimg.hypernets.lidb import save_lidb_lora
     from pimg.hypernets.model import Hypernetwork
+    from pimg.inference.parts import pipeline_components
     from pimg.photos import photo_inputs
 
+    if finetune_steps < 0:
+        raise InputError(f"finetune_steps must be >= 0, got {finetune_steps}.")
     photos, names = photo_inputs(photos)
     began = time.perf_counter()
     if pipe is None:
@@ -80,16 +82,11 @@ def personalize(
     record = hypernet.record
     token = record.get("token", "sks")
     out = Path(out_dir)
-    components = {
-        n: getattr(pipe, n)
-        for n in ("unet", "text_encoder", "text_encoder_2")
-        if getattr(pipe, n, None) is not None
-    }
     save_lidb_lora(
         out,
         hypernet.space,
         factors,
-        components,
+        pipeline_components(pipe),
         {"pimg.method": "hypernet", "pimg.base": base, "pimg.token": token, "pimg.hypernet": str(folder)},
     )
     summary = {
@@ -124,8 +121,6 @@ def finetune(out: Path, photos, base: str, token: str, class_noun: str, steps: i
     from pimg.photos import save_photos
     from pimg.trainers.personalize import load_train_config, train
 
-    if steps < 0:
-        raise InputError(f"finetune_steps must be >= 0, got {steps}.")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pimg-finetune-") as scratch:
         scratch = Path(scratch)

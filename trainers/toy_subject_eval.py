@@ -161,10 +161,10 @@ def evaluate_subject(
             model=config.model,
             **_personalize_extras(personalize, config, subject, base_pipe),
         )
+        recorded = _recorded(result)
         subject_words, record = class_words, {"model": config.model, "finetune_steps": config.finetune_steps}
-        token = _recorded(result).get("token")
-        if token:  # a predicted LoRA is bound to a word (the hypernetwork's `sks`)
-            subject_words = f"a {token} {subject.class_noun}"
+        if recorded.get("token"):  # a predicted LoRA is bound to a word (the hypernetwork's `sks`)
+            subject_words = f"a {recorded['token']} {subject.class_noun}"
     else:
         train_method, train_config = method_config(config, subject, run_dir, overrides)
         captions = None
@@ -172,6 +172,7 @@ def evaluate_subject(
             captions = [f"a {{token}} {{class_noun}} on a {read_background(p)} background" for p in photos]
         save_photos(run_dir / "photos", photos, captions)
         result = train(train_method, train_config, progress=progress)
+        recorded = _recorded(result)
         base, subject_words = train_config.base, f"a {train_config.token} {subject.class_noun}"
         record = config_record(train_config)
     train_seconds = time.time() - began
@@ -204,7 +205,7 @@ def evaluate_subject(
         "base_background_accuracy": base_background,
         "drift_fidelity": drift,
         "train_seconds": train_seconds,
-        **{k: v for k, v in _recorded(result).items() if k in ("predict_seconds", "finetune_seconds")},
+        **{k: v for k, v in recorded.items() if k in ("predict_seconds", "finetune_seconds")},
         "guidance_scale": guidance,
         "by_scale": by_scale,
         "train_config": record,

@@ -123,6 +123,8 @@ class GenerateRequest:
             raise InputError(
                 "--id-adapter needs the subject: pass --id-image PHOTO (or --id-embedding FILE)."
             )
+        if self.hm_cfg is not None and not self.loras:
+            raise InputError("--hm-cfg needs the subject as --lora (its LoRA is the personalised model).")
         if self.id_images and self.id_embedding:
             raise InputError("give --id-image or --id-embedding, not both.")
         if not math.isfinite(self.id_scale) or self.id_scale < 0:
@@ -182,8 +184,6 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     if request.hm_cfg is not None:
         from pimg.inference.hybrid_guidance import HybridGuidance
 
-        if not loras:
-            raise InputError("--hm-cfg needs the subject as --lora (its LoRA is the personalised model).")
         pp.add(HybridGuidance(loras, subject_scale=request.hm_cfg))
     else:
         for lora in loras:

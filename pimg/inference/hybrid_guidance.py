@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,9 +55,7 @@ class HybridGuidance(Part):
         self.loras = [loras] if isinstance(loras, LoraPart) else list(loras)
         if not self.loras:
             raise InputError("HM-CFG needs at least one subject LoRA (e.g. --lora out/subject).")
-        if not isinstance(subject_scale, int | float) or not torch.isfinite(
-            torch.tensor(float(subject_scale))
-        ):
+        if not isinstance(subject_scale, int | float) or not math.isfinite(subject_scale):
             raise InputError(f"the HM-CFG subject scale must be a finite number, got {subject_scale!r}.")
         self.subject_scale = float(subject_scale)
         self._rows: torch.Tensor | None = None  # per UNet row: 1 where the subject LoRA acts

@@ -227,7 +227,8 @@ def noise_prediction_chain(unet, parts: list[Part], call: GenerationCall) -> Noi
 # ------------------------------------------------------------------------------------ the parts pimg ships
 
 
-def _components(pipe) -> dict[str, torch.nn.Module]:
+def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
+    """The UNet and text encoder(s) of a diffusers pipeline, by name: what LoRA files name and load into."""
     return {
         name: getattr(pipe, name)
         for name in ("unet", "text_encoder", "text_encoder_2")
@@ -283,7 +284,7 @@ class LoraPart(Part):
     def attach(self, pipe) -> None:
         from pimg.formats.lora import load_lora_state_dict, prepare_lora_state_dict
 
-        components = _components(pipe)
+        components = pipeline_components(pipe)
         if self.state_dict is not None:
             state_dict = prepare_lora_state_dict(self.state_dict, components, what=f"LoRA {self.name!r}")
         else:
