@@ -133,6 +133,10 @@ def finetune(out: Path, photos, base: str, token: str, class_noun: str, steps: i
                 "photos": str(scratch / "photos"),
                 "class_noun": class_noun or "subject",
                 "token": token,
+                # The hypernetwork learned under captions naming the background; a fine-tune on bare
+                # "a sks star" would teach the word the photos' backgrounds (fidelity falls below the
+                # prediction's, docs/experiments/hypernet_tiny.md).
+                "auto_caption": True,
                 "init_lora": str(out / LORA_FILE),
                 "out_dir": str(scratch / "result"),
                 "loop.steps": steps,

@@ -77,31 +77,37 @@ def test_one_subject_everywhere_and_one_nowhere_equals_the_first_alone(pp, lora_
     assert np.abs(composed - alone).max() <= 1
 
 
-def test_each_subjects_lora_acts_only_in_its_region(pp, lora_dir, tmp_path):
-    other = _second_lora(lora_dir, tmp_path / "other")
-    pp.add(
-        Composition(
-            [regional_subject(lora_dir, "left", name="a"), regional_subject(other, "right", name="b")]
-        )
-    )
+def _routed_delta(pp, composition) -> torch.Tensor:
+    """[batch, 16, 16, channels]: what the composition added to one self-attention query at the first UNet call."""
+    pp.add(composition)
     layer = pp.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     seen = {}
-    handles = [
-        layer.lora_B[name].register_forward_hook(
-            lambda m, i, out, name=name: seen.setdefault(name, out.detach())
-        )
-        for name in ("a", "b")
-    ]
+    handle = layer.register_forward_hook(
+        lambda m, inputs, out: seen.setdefault("delta", (out - m.base_layer(inputs[0])).detach())
+    )
     try:
         pp.generate(PROMPT, guidance_scale=1.0, **FAST)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
         pp.clear()
-    # The routed deltas (hooks run in order: the composition's first): [batch, 16 x 16 pixels, channels].
-    a, b = (seen[n].reshape(seen[n].shape[0], 16, 16, -1).abs() for n in ("a", "b"))
-    assert a[:, :, 8:].max() == 0 and a[:, :, :8].max() > 0
-    assert b[:, :, :8].max() == 0 and b[:, :, 8:].max() > 0
+    return seen["delta"].reshape(seen["delta"].shape[0], 16, 16, -1).abs()
+
+
+def test_each_subjects_lora_acts_only_in_its_region(pp, lora_dir, tmp_path):
+    other = _second_lora(lora_dir, tmp_path / "other")
+    left = _routed_delta(pp, Composition([regional_subject(lora_dir, "left", name="a")]))
+    assert left[:, :, 8:].max() == 0 and left[:, :, :8].max() > 0
+    right = _routed_delta(pp, Composition([regional_subject(other, "right", name="b")]))
+    assert right[:, :, :8].max() == 0 and right[:, :, 8:].max() > 0
+    both = _routed_delta(
+        pp,
+        Composition(
+            [regional_subject(lora_dir, "left", name="a"), regional_subject(other, "right", name="b")]
+        ),
+    )
+    assert both[:, :, :8].max() > 0 and both[:, :, 8:].max() > 0
+    # The subjects' peft adapters are gone once read: peft does not compute them a second time.
+    assert not any(len(getattr(m, "lora_A", {})) for m in pp.pipe.unet.modules())
 
 
 def test_pivotal_and_textual_inversion_subjects_share_a_word(pp, lora_dir, tmp_path):

@@ -49,6 +49,11 @@ class SubjectConfig:
         class_noun: what the subject is ("dog", "star"); used in prompts and class images.
         prompt_template: instance prompt for photos without a caption; captions may use the same
             `{token}` and `{class_noun}` placeholders.
+        auto_caption: photos without a caption get `prompt_template` plus the phrase of
+            `caption_phrases` that describes them best, chosen by the base itself
+            (`pimg.trainers.auto_caption`), so the token learns the subject and not its background.
+        caption_phrases: the candidates ("on a beach", ...); empty takes the base's defaults (on
+            `tiny` its eight backgrounds).
         out_dir: where the result, checkpoints, samples, logs and the model card go.
         resolution: training size in pixels; None takes the base's native size (tiny 64, SD 1.5 512,
             SDXL 1024). Photos are resized and centre-cropped to it, never upscaled.
@@ -70,6 +75,8 @@ class SubjectConfig:
     token: str = "sks"
     class_noun: str = ""
     prompt_template: str = "a {token} {class_noun}"
+    auto_caption: bool = False
+    caption_phrases: tuple[str, ...] = ()
     out_dir: str = "out/train"
     resolution: int | None = None
     batch_size: int = 1
@@ -196,12 +203,39 @@ class SubjectTraining:
             images = np.concatenate([images, images[:, :, ::-1]])
             captions, time_ids = captions * 2, time_ids * 2
         self.latents = encode_latents(self.pipe.vae, images)
+        #: The captions `auto_caption` chose, by photo file name (listed in the model card).
+        self.auto_captions: dict[str, str] = {}
+        if config.auto_caption:
+            captions = self._caption_missing(captions, time_ids)
         self.instance_prompts = [self.prompt(c or config.prompt_template) for c in captions]
         self.instance_time_ids = torch.stack(time_ids) if self.sdxl else None
         self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
         self.conditioner = TextConditioner.from_pipeline(self.pipe)
         self._text_cache: dict[str, Conditioning] = {}
         self.last_sample: Path | None = None
+
+    def _caption_missing(self, captions: list[str | None], time_ids: list[torch.Tensor]) -> list[str | None]:
+        from pimg.trainers.auto_caption import default_phrases, pick_phrases
+
+        missing = [i for i, caption in enumerate(captions) if caption is None]
+        if not missing:
+            return captions
+        phrases = list(self.config.caption_phrases or default_phrases(self.config.base))
+        self.pipe.unet.to(self.device)
+        chosen = pick_phrases(
+            self.pipe.unet,
+            training_noise_scheduler(self.pipe.scheduler.config),
+            self.latents[missing].to(self.device),
+            TextConditioner.from_pipeline(self.pipe),
+            [f"a {self.config.class_noun} {phrase}" for phrase in phrases],
+            time_ids=torch.stack([time_ids[i] for i in missing]) if self.sdxl else None,
+        )
+        captions = list(captions)
+        names = [path.name for path in self.photos.paths]
+        for i, choice in zip(missing, chosen, strict=True):
+            captions[i] = f"{self.config.prompt_template} {phrases[choice]}"
+            self.auto_captions.setdefault(names[i % len(names)], captions[i])
+        return captions
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -351,6 +385,13 @@ class SubjectTraining:
             f"| photos | {len(self.photos)} at {self.resolution} px |",
             f"| files | {', '.join(f'`{f}`' for f in files)} |",
             "",
+            *(
+                ["Captions chosen by `auto_caption` (the base as a zero-shot classifier):", ""]
+                + [f"- `{name}`: {caption}" for name, caption in self.auto_captions.items()]
+                + [""]
+                if self.auto_captions
+                else []
+            ),
             f"Sample grid ({prompts}; {c.sample_images} seeds each):",
             "",
             sample + "## Use",

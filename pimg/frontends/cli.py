@@ -186,6 +186,14 @@ def _add_common_train_arguments(parser, method) -> None:
         help="what the subject is, e.g. dog; required",
     )
     add(
+        "--auto-caption",
+        dest="cfg.auto_caption",
+        action="store_true",
+        default=None,
+        help="caption photos without a .txt by their setting (e.g. 'on a beach'), chosen by the base "
+        "itself from caption_phrases, so the token learns the subject and not its background",
+    )
+    add(
         "--config",
         default=None,
         help="YAML file or installed preset name (e.g. lora_sd15); default: the built-in base's preset "

@@ -32,7 +32,7 @@ import torch
 
 from pimg.errors import InputError, ModelLoadError
 from pimg.fusion.regions import Region, parse_region, region_weights, resize_weights
-from pimg.fusion.routing import DeltaRouter, RegionalCrossAttention, Routing
+from pimg.fusion.routing import FusedLoraRouter, RegionalCrossAttention, Routing
 from pimg.inference.parts import (
     EmbeddingPart,
     GenerationCall,
@@ -158,7 +158,7 @@ class Composition(Part):
         self.subjects = list(subjects)
         self.routing: Routing | None = None
         self.notes: list[str] = []  # what the latest generation changed (resized masks, overlaps)
-        self._router: DeltaRouter | None = None
+        self._router: FusedLoraRouter | None = None
         self._processors: dict | None = None
         self._attached: list[Part] = []
         self._pipe = None  # the pipeline attached to: region prompts are encoded with its text encoders
@@ -167,23 +167,34 @@ class Composition(Part):
 
     def attach(self, pipe) -> None:
         self._pipe = pipe
+        models = {
+            name: getattr(pipe, name)
+            for name in ("unet", "text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None
+        }
+        self._router = FusedLoraRouter(self)
         try:
-            for subject in self.subjects:
-                if subject.lora is not None:
-                    subject.lora.attach(pipe)
-                    self._attached.append(subject.lora)
+            for index, subject in enumerate(self.subjects):
                 for embedding, private in zip(subject.embeddings, subject._private_words(), strict=True):
                     renamed = EmbeddingPart(embedding.path, token=private)
                     renamed.attach(pipe)
                     self._attached.append(renamed)
-            adapters = {s.lora.adapter_name: i for i, s in enumerate(self.subjects) if s.lora is not None}
-            self._router = DeltaRouter(self, adapters)
-            routed = self._router.install_unet(pipe.unet)
-            for encoder in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
-                if encoder is not None:
-                    self._router.install_text_encoder(encoder)
-            if adapters and routed == 0:
-                raise ModelLoadError("the subjects' LoRAs left no LoRA layer in the UNet to route.")
+                if subject.lora is None:
+                    continue
+                # diffusers reads the file (any layout pimg reads) into peft layers; the router takes
+                # the factors, and the adapter goes, so that peft does not compute it a second time.
+                subject.lora.attach(pipe)
+                try:
+                    routed = self._router.collect(
+                        models, subject.lora.adapter_name, index, subject.lora.scale
+                    )
+                finally:
+                    subject.lora.detach(pipe)
+                if routed == 0:
+                    raise ModelLoadError(
+                        f"subject {subject.name!r}'s LoRA left no LoRA layer in the UNet to route."
+                    )
+            self._router.install(models)
             self._processors = dict(pipe.unet.attn_processors)
             pipe.unet.set_attn_processor(
                 {
@@ -210,7 +221,7 @@ class Composition(Part):
         self._pipe = None
 
     def adapters(self) -> dict[str, float]:
-        return {s.lora.adapter_name: s.lora.scale for s in self.subjects if s.lora is not None}
+        return {}  # the subjects' LoRAs run in the router, not as peft adapters
 
     # -------------------------------------------------------------------------------- generation
 

@@ -1,16 +1,16 @@
 """Routing several subjects' LoRAs by region inside one UNet pass.
 
-Two mechanisms, both installed through public APIs (torch forward hooks on peft's own `lora_B`
-modules, and a diffusers attention processor), so peft keeps computing every LoRA as it always does:
+Two mechanisms, both installed through public APIs (torch forward hooks on the layers peft wrapped
+when diffusers loaded the subjects' files, and a diffusers attention processor):
 
 1. **Pixel-side layers** (convolutions, self-attention q/k/v/out, feed-forward, proj_in/proj_out,
    cross-attention q and out): each subject's LoRA delta is multiplied by its region's weights at
-   that layer's resolution, `y = W x + sum_i m_i * s_i * B_i A_i x`. A hook on `lora_B[adapter]`
-   multiplies its output (`B_i A_i x`, before peft's scale) by `m_i`.
+   that layer's resolution, `y = W x + sum_i m_i * s_i * B_i A_i x`. `FusedLoraRouter` computes the
+   sum as one low-rank product, the weights applied on the rank axis (`B_i (m_i A_i x)`).
 2. **Cross-attention keys and values** have no pixel axis. `RegionalCrossAttention` computes one
    attention per context (the global prompt, then each region's prompt encoded with its own
    subject's text-side parts), keys and values of context i projected with subject i's K/V LoRA
-   only (the same hook, now choosing rows instead of pixels), and combines the outputs with the
+   only (the same router, now choosing rows instead of pixels), and combines the outputs with the
    region weights; pixels outside every region attend to the global prompt.
 
 A `Routing` says, for one UNet call, how heavily each subject acts at each latent pixel and which
@@ -43,6 +43,7 @@ class Routing:
     contexts: torch.Tensor
     _pixel_cache: dict = field(default_factory=dict, repr=False)
     _sizes: dict = field(default_factory=dict, repr=False)
+    _rank_cache: dict = field(default_factory=dict, repr=False)
     #: Cross-attention keys and values by layer: the contexts do not change over the denoising
     #: steps, so each layer projects them once per generation, not once per step.
     key_values: dict = field(default_factory=dict, repr=False)
@@ -78,81 +79,175 @@ class Routing:
         )
 
 
-class DeltaRouter:
-    """Forward hooks on the `lora_B` modules of a composition's adapters, scaling each delta by its routing.
+@dataclass
+class _RoutedLayer:
+    """All subjects' LoRA factors at one layer, concatenated along the rank axis.
+
+    `down` is [R, in] (or a convolution's [R, in, kh, kw]) and `up` [out, R] with each subject's
+    scale folded in; `owner[j]` is the subject (0-based) whose factors rank channel j holds.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    owner: torch.Tensor
+    owner_key: tuple[int, ...]  # `owner` as a tuple: layers laid out alike share rank-axis weights
+    conv: dict | None  # stride, padding, dilation of a convolution's down projection; None for linear
+    text_side: bool  # a cross-attention key/value projection: routed by context row, not by pixel
+
+
+class FusedLoraRouter:
+    """Every subject's LoRA in one low-rank product per layer, routed on the rank axis.
+
+    peft computes each adapter with its own two matmuls and scale; with k subjects that is 2k
+    products a layer, each over the layer's full output width. Here the subjects' down projections
+    are concatenated (one product to R = sum of ranks channels), each rank channel is multiplied by
+    its subject's region weight at that pixel (m_i B_i A_i x = B_i (m_i A_i x), the weight is a
+    per-pixel scalar), and one product with the concatenated, pre-scaled up projections adds all
+    subjects' deltas: about the cost of a single LoRA of rank R.
+
+    The factors are read from peft's layers after diffusers loaded each subject's file (any layout
+    pimg reads), then the peft adapters are deleted, so peft does not compute them again.
 
     Args:
         owner: an object with a `routing` attribute (a `Routing` or None), read at every call.
-        adapters: peft adapter name -> the subject's index (0-based) in the routing.
     """
 
-    def __init__(self, owner, adapters: dict[str, int]):
+    def __init__(self, owner):
         self.owner = owner
-        self.adapters = adapters
+        # (model, module name) -> per subject (down, scaled up, subject index, convolution settings)
+        self._factors: dict[tuple[str, str], list[tuple]] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.text_side: set[int] = set()
         self.encoding_subject: int | None = None  # the subject whose prompt the text encoder encodes now
 
-    def install_unet(self, unet: torch.nn.Module) -> int:
-        """Hook every LoRA layer of the UNet; returns how many deltas are routed."""
-        from diffusers.models.attention_processor import Attention
-
-        for module in unet.modules():
-            if isinstance(module, Attention) and module.is_cross_attention:
-                self.text_side.update((id(module.to_k), id(module.to_v)))
-        return self._install(unet, self._unet_hook)
-
-    def install_text_encoder(self, encoder: torch.nn.Module) -> int:
-        """Hook a text encoder's LoRA layers: subject i's delta acts only while region i's prompt is encoded."""
-        return self._install(encoder, self._text_encoder_hook)
-
-    def _install(self, model: torch.nn.Module, make_hook) -> int:
+    def collect(self, models: dict[str, torch.nn.Module], adapter: str, subject: int, scale: float) -> int:
+        """Read peft adapter `adapter`'s factors as subject `subject`'s; returns how many UNet layers it has."""
         count = 0
-        for module in model.modules():
-            deltas = getattr(module, "lora_B", None)
-            if not isinstance(deltas, torch.nn.ModuleDict):
-                continue
-            for adapter, index in self.adapters.items():
-                if adapter in deltas:
-                    hook = make_hook(index, id(module) in self.text_side)
-                    self.handles.append(deltas[adapter].register_forward_hook(hook))
-                    count += 1
+        for model_name, model in models.items():
+            for module_name, module in model.named_modules():
+                downs = getattr(module, "lora_A", None)
+                if isinstance(downs, torch.nn.ModuleDict) and adapter in downs:
+                    self._factors.setdefault((model_name, module_name), []).append(
+                        _factors(module, adapter, subject, scale)
+                    )
+                    count += model_name == "unet"
         return count
+
+    def install(self, models: dict[str, torch.nn.Module]) -> None:
+        """Hook every collected layer (looked up by name: peft's wrappers outlive their adapters)."""
+        cross_kv = _cross_attention_key_values(models["unet"])
+        for (model_name, module_name), factors in self._factors.items():
+            layer = _concatenate(factors, model_name == "unet" and module_name in cross_kv)
+            module = models[model_name].get_submodule(module_name)
+            make = self._unet_hook if model_name == "unet" else self._text_encoder_hook
+            self.handles.append(module.register_forward_hook(make(layer)))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.text_side.clear()
+        self._factors.clear()
 
-    def _unet_hook(self, index: int, text_side: bool):
-        def scale_delta(module, inputs, delta: torch.Tensor) -> torch.Tensor:
+    def _unet_hook(self, layer: _RoutedLayer):
+        def add_routed_deltas(module, inputs, output: torch.Tensor) -> torch.Tensor:
             routing: Routing | None = self.owner.routing
-            if routing is None:
-                return delta * 0
-            if text_side:
-                # RegionalCrossAttention projects [rows * (k + 1), tokens, dim]: context c of every row
-                # is at c mod (k + 1); subject `index` owns context index + 1.
-                contexts = routing.count + 1
-                rows = torch.arange(delta.shape[0], device=delta.device) % contexts == index + 1
-                return delta * rows.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
-            if delta.ndim == 4:  # convolution: [batch, channels, h, w]
-                weights = routing.pixel_weights(delta.shape[2], delta.shape[3], delta)[index + 1]
-                return delta * weights
-            if delta.ndim == 3:  # linear layer over pixels: [batch, h * w, channels]
-                height, width = routing.layer_size(delta.shape[1])
-                weights = routing.pixel_weights(height, width, delta)[index + 1]
-                return delta * weights.reshape(1, -1, 1)
-            # No pixel axis (a time-embedding projection): the subject acts in proportion to its area.
-            return delta * routing.weights[index].mean().to(delta.dtype)
+            if routing is None:  # a UNet call outside a composed generation: every subject is off
+                return output
+            x = inputs[0]
+            hidden = _down(layer, x)
+            return output + _up(layer, hidden * _rank_weights(layer, routing, hidden)).to(output.dtype)
 
-        return scale_delta
+        return add_routed_deltas
 
-    def _text_encoder_hook(self, index: int, text_side: bool):
-        def scale_delta(module, inputs, delta: torch.Tensor) -> torch.Tensor:
-            return delta if self.encoding_subject == index else delta * 0
+    def _text_encoder_hook(self, layer: _RoutedLayer):
+        def add_encoding_subjects_delta(module, inputs, output: torch.Tensor) -> torch.Tensor:
+            if self.encoding_subject is None or self.encoding_subject not in layer.owner.tolist():
+                return output
+            hidden = _down(layer, inputs[0]) * (layer.owner == self.encoding_subject).to(layer.down.dtype)
+            return output + _up(layer, hidden).to(output.dtype)
 
-        return scale_delta
+        return add_encoding_subjects_delta
+
+
+def _cross_attention_key_values(unet: torch.nn.Module) -> set[str]:
+    from diffusers.models.attention_processor import Attention
+
+    names = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            names.update((f"{name}.to_k", f"{name}.to_v"))
+    return names
+
+
+def _factors(module, adapter: str, subject: int, scale: float) -> tuple:
+    if adapter in getattr(module, "lora_variant", {}):
+        raise InputError(
+            f"subject LoRA {adapter!r} uses a LoRA variant (DoRA or similar) that regional "
+            "composition does not route; compose subjects trained as plain LoRA."
+        )
+    down, up = module.lora_A[adapter], module.lora_B[adapter]
+    if getattr(up, "bias", None) is not None:
+        raise InputError(f"subject LoRA {adapter!r} has a bias on its up projection, which is not routed.")
+    conv = None
+    if isinstance(down, torch.nn.Conv2d):
+        if down.groups != 1:
+            raise InputError(f"subject LoRA {adapter!r} has a grouped convolution, which is not routed.")
+        conv = {"stride": down.stride, "padding": down.padding, "dilation": down.dilation}
+    elif not isinstance(down, torch.nn.Linear):
+        raise InputError(
+            f"subject LoRA {adapter!r} adapts a {type(down).__name__} layer; regional composition "
+            "routes linear and 2-D convolution layers."
+        )
+    scaled_up = up.weight.detach().flatten(1) * (module.scaling[adapter] * scale)
+    return down.weight.detach().clone(), scaled_up, subject, conv
+
+
+def _concatenate(factors: list[tuple], text_side: bool) -> _RoutedLayer:
+    owner = [subject for down, _, subject, _ in factors for _ in range(down.shape[0])]
+    up = torch.cat([scaled_up for _, scaled_up, _, _ in factors], dim=1)
+    return _RoutedLayer(
+        down=torch.cat([down for down, _, _, _ in factors]),
+        up=up,
+        owner=torch.tensor(owner, device=up.device),
+        owner_key=tuple(owner),
+        conv=factors[0][3],
+        text_side=text_side,
+    )
+
+
+def _down(layer: _RoutedLayer, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(layer.down.dtype)
+    if layer.conv is not None:
+        return F.conv2d(x, layer.down, **layer.conv)  # [b, R, h, w]
+    return F.linear(x, layer.down)  # [..., R]
+
+
+def _up(layer: _RoutedLayer, hidden: torch.Tensor) -> torch.Tensor:
+    if layer.conv is not None:
+        return torch.einsum("or,brhw->bohw", layer.up, hidden)
+    return F.linear(hidden, layer.up)
+
+
+def _rank_weights(layer: _RoutedLayer, routing: Routing, hidden: torch.Tensor) -> torch.Tensor:
+    """How much each rank channel acts at each position of `hidden`, shaped to broadcast against it."""
+    shape = tuple(hidden.shape) if layer.text_side else tuple(hidden.shape[1:])
+    key = (layer.owner_key, layer.text_side, layer.conv is not None, shape, hidden.dtype, hidden.device)
+    if key in routing._rank_cache:
+        return routing._rank_cache[key]
+    owner = layer.owner.to(hidden.device)
+    if layer.text_side:
+        # RegionalCrossAttention projects [rows * (k + 1), tokens, dim]: context c of every row is at
+        # c mod (k + 1); subject i owns context i + 1.
+        contexts = torch.arange(hidden.shape[0], device=hidden.device) % (routing.count + 1)
+        weights = (contexts[:, None] == owner[None, :] + 1).to(hidden.dtype).unsqueeze(1)  # [rows, 1, R]
+    elif layer.conv is not None:  # [b, R, h, w]
+        weights = routing.pixel_weights(hidden.shape[2], hidden.shape[3], hidden)[owner + 1]
+    elif hidden.ndim == 3:  # linear layer over pixels: [b, h * w, R]
+        height, width = routing.layer_size(hidden.shape[1])
+        weights = routing.pixel_weights(height, width, hidden)[owner + 1].flatten(1).T
+    else:  # no pixel axis (a time-embedding projection): each subject in proportion to its area
+        weights = routing.weights.mean((1, 2)).to(hidden.device, hidden.dtype)[owner]
+    routing._rank_cache[key] = weights
+    return weights
 
 
 class RegionalCrossAttention:
@@ -214,7 +309,13 @@ class RegionalCrossAttention:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        mixed = F.scaled_dot_product_attention(query.expand(-1, count, -1, -1, -1), key, value)
+        # One 4-D call with the contexts on the batch axis: torch's fused CPU and GPU kernels take 4-D
+        # inputs only, a 5-D call falls back to the unfused reference path (about 3x slower on `tiny`).
+        mixed = F.scaled_dot_product_attention(
+            query.expand(-1, count, -1, -1, -1).reshape(batch * count, heads, tokens, head_dim),
+            key.reshape(batch * count, heads, -1, head_dim),
+            value.reshape(batch * count, heads, -1, head_dim),
+        ).view(batch, count, heads, tokens, head_dim)
         weights = routing.pixel_weights(height, width, mixed).reshape(1, count, 1, tokens, 1)
         hidden_states = (mixed * weights).sum(1)  # [b, heads, n, d]
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, tokens, heads * head_dim).to(query.dtype)
