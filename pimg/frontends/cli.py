@@ -324,6 +324,7 @@ def cmd_eval_toysubject(args) -> None:
         beside=args.beside,
         finetune_steps=args.finetune_steps,
         hm_cfg=args.hm_cfg,
+        caption_backgrounds=False if args.bare_photos else None,
     )
     config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
     evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
@@ -908,6 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method config key for every subject's training, e.g. rank=4 (repeatable)",
     )
     ets.add_argument("--photos", type=int, default=None, help="photos per subject (default 4)")
+    ets.add_argument(
+        "--bare-photos",
+        action="store_true",
+        help="trained methods get photos without the helper captions naming their backgrounds, as a "
+        "user gives them (with --set auto_caption=true pimg captions them itself)",
+    )
     ets.add_argument(
         "--scales",
         type=_float_list,
