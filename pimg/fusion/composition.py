@@ -2,7 +2,8 @@
 
 `Composition` is one pipeline part holding k `RegionalSubject`s (a LoRA, pivotal or Textual
 Inversion result, each with a region and optionally its own prompt). At attach it loads every
-subject's LoRA as a peft adapter and installs the routing of `pimg.fusion.routing`; at each
+subject's LoRA through diffusers, hands its factors to the routing of `pimg.fusion.routing` (which
+computes all subjects in one low-rank product per layer) and drops the peft adapter; at each
 generation it encodes every region's prompt with its own subject's text-side parts (learned words,
 text-encoder LoRA) and the global prompt with none, then lets the UNet run once per step with
 classifier-free guidance batched as usual.
