@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from random_bases import random_sd15_pipeline
 
 from pimg.inference.hybrid_guidance import HybridGuidance
 from pimg.inference.parts import LoraPart
@@ -46,49 +47,14 @@ def best_of(repeats: int, device: str, run) -> float:
 
 def random_sd15(folder: Path) -> tuple[Path, Path]:
     """A random-weight SD1.5-architecture pipeline and a random hypernetwork for it (saved folders)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from pimg.hypernets.lidb import LidbSpace
     from pimg.hypernets.model import HypernetArchitecture, Hypernetwork, PhotoEncoder
-    from pimg.toyworld.architecture import tokenizer_words
-    from pimg.toyworld.tokenizer import build_tokenizer
 
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(tokenizer_words(), folder / "tokenizer")
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1.5's
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    base = folder / "sd15"
-    pipe.save_pretrained(base)
+    base = random_sd15_pipeline(folder)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     vision = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=1024,
