@@ -383,7 +383,10 @@ class DemoBackend:
         from pimg.trainers.personalize import load_train_config
 
         preset = builtin_preset(trainer, self.base)
-        settings = {"base": self.base, **self.train_settings.get(trainer, {}), **overrides}
+        # Photos uploaded in a browser come without captions: let the base caption their settings,
+        # so the subject's word does not learn the backgrounds (README, "Training a subject").
+        captions = {"auto_caption": True} if get_method(trainer).has_setting("auto_caption") else {}
+        settings = {"base": self.base, **captions, **self.train_settings.get(trainer, {}), **overrides}
         return load_train_config(trainer, preset, settings)
 
     # -------------------------------------------------------------------------------------- models
