@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pimg.trainers.diffusion_training import Conditioning
+from pimg.trainers.diffusion_training import Conditioning, denoising_target
 
 #: Settings a photo of a subject is commonly taken in, for bases without a list of their own.
 GENERAL_PHRASES = (
@@ -80,7 +80,7 @@ def pick_phrases(
         raise ValueError("pick_phrases needs at least one candidate prompt.")
     device = latents.device
     candidates = conditioner.encode(prompts).to(device, latents.dtype)
-    count = len(prompts)
+    rows_in_all = len(prompts) * samples
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0.1 * steps, 0.9 * steps, samples).long().to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -89,32 +89,25 @@ def pick_phrases(
         clean = latents[index : index + 1].expand(samples, -1, -1, -1)
         noise = torch.randn(clean.shape, generator=generator).to(clean)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(clean, noise, timesteps)
-        elif noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = clean
-        # Rows candidate-major: row r is candidate r // samples at draw r % samples.
-        conditioning = Conditioning(
-            candidates.prompt_embeds.repeat_interleave(samples, 0),
-            None if candidates.pooled is None else candidates.pooled.repeat_interleave(samples, 0),
-            None if time_ids is None else time_ids[index : index + 1].to(device).expand(count * samples, -1),
-        )
+        target = denoising_target(noise_scheduler, clean, noise, timesteps)
         errors = []
-        for start in range(0, count * samples, rows_per_call):
-            rows = slice(start, min(start + rows_per_call, count * samples))
-            draws = torch.arange(rows.start, rows.stop, device=device) % samples
-            part = Conditioning(
-                conditioning.prompt_embeds[rows],
-                None if conditioning.pooled is None else conditioning.pooled[rows],
-                None if conditioning.time_ids is None else conditioning.time_ids[rows],
+        # Rows candidate-major: row r is candidate r // samples at draw r % samples.
+        for start in range(0, rows_in_all, rows_per_call):
+            rows = torch.arange(start, min(start + rows_per_call, rows_in_all), device=device)
+            draws, candidate = rows % samples, rows // samples
+            conditioning = Conditioning(
+                candidates.prompt_embeds[candidate],
+                None if candidates.pooled is None else candidates.pooled[candidate],
+                None if time_ids is None else time_ids[index : index + 1].to(device).expand(len(rows), -1),
             )
             prediction = unet(
-                noisy[draws], timesteps[draws], part.prompt_embeds, added_cond_kwargs=part.added_cond_kwargs()
+                noisy[draws],
+                timesteps[draws],
+                conditioning.prompt_embeds,
+                added_cond_kwargs=conditioning.added_cond_kwargs(),
             ).sample
             errors.append(
                 F.mse_loss(prediction.float(), target[draws].float(), reduction="none").mean((1, 2, 3))
             )
-        choices.append(int(torch.cat(errors).view(count, samples).mean(1).argmin()))
+        choices.append(int(torch.cat(errors).view(len(prompts), samples).mean(1).argmin()))
     return choices

@@ -168,12 +168,7 @@ def denoising_loss(
     noise, timesteps = noise.to(latents), timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = latents
+    target = denoising_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(
         noisy,
         timesteps,
@@ -199,6 +194,17 @@ def denoising_loss(
             weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
         per_example = per_example * weight
     return per_example
+
+
+def denoising_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet is trained to predict, by `noise_scheduler.config.prediction_type`: the noise
+    (epsilon), the velocity v = alpha_t * noise - sigma_t * x0, or the clean latents."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents
 
 
 def _global_rows(rows: Sequence[int], num_rows: int | None, n: int) -> int:

@@ -203,39 +203,40 @@ class SubjectTraining:
             images = np.concatenate([images, images[:, :, ::-1]])
             captions, time_ids = captions * 2, time_ids * 2
         self.latents = encode_latents(self.pipe.vae, images)
+        self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
+        self.conditioner = TextConditioner.from_pipeline(self.pipe)
         #: The captions `auto_caption` chose, by photo file name (listed in the model card).
         self.auto_captions: dict[str, str] = {}
         if config.auto_caption:
             captions = self._caption_missing(captions, time_ids)
         self.instance_prompts = [self.prompt(c or config.prompt_template) for c in captions]
         self.instance_time_ids = torch.stack(time_ids) if self.sdxl else None
-        self.noise_scheduler = training_noise_scheduler(self.pipe.scheduler.config)
-        self.conditioner = TextConditioner.from_pipeline(self.pipe)
         self._text_cache: dict[str, Conditioning] = {}
         self.last_sample: Path | None = None
 
     def _caption_missing(self, captions: list[str | None], time_ids: list[torch.Tensor]) -> list[str | None]:
+        """`captions` (flipped copies, if any, after the photos) with each missing one chosen by the base."""
         from pimg.trainers.auto_caption import default_phrases, pick_phrases
 
-        missing = [i for i, caption in enumerate(captions) if caption is None]
+        photos = len(self.photos)  # a flipped copy has its photo's setting: classify the photos only
+        missing = [i for i, caption in enumerate(captions[:photos]) if caption is None]
         if not missing:
             return captions
         phrases = list(self.config.caption_phrases or default_phrases(self.config.base))
         self.pipe.unet.to(self.device)
         chosen = pick_phrases(
             self.pipe.unet,
-            training_noise_scheduler(self.pipe.scheduler.config),
+            self.noise_scheduler,
             self.latents[missing].to(self.device),
-            TextConditioner.from_pipeline(self.pipe),
+            self.conditioner,
             [f"a {self.config.class_noun} {phrase}" for phrase in phrases],
             time_ids=torch.stack([time_ids[i] for i in missing]) if self.sdxl else None,
         )
-        captions = list(captions)
-        names = [path.name for path in self.photos.paths]
+        per_photo = list(captions[:photos])
         for i, choice in zip(missing, chosen, strict=True):
-            captions[i] = f"{self.config.prompt_template} {phrases[choice]}"
-            self.auto_captions.setdefault(names[i % len(names)], captions[i])
-        return captions
+            per_photo[i] = f"{self.config.prompt_template} {phrases[choice]}"
+            self.auto_captions[self.photos.paths[i].name] = per_photo[i]
+        return per_photo * (len(captions) // photos)
 
     # ------------------------------------------------------------------------------------------ set-up
 

@@ -160,7 +160,7 @@ class FusedLoraRouter:
 
     def _text_encoder_hook(self, layer: _RoutedLayer):
         def add_encoding_subjects_delta(module, inputs, output: torch.Tensor) -> torch.Tensor:
-            if self.encoding_subject is None or self.encoding_subject not in layer.owner.tolist():
+            if self.encoding_subject not in layer.owner_key:  # None, or a subject without factors here
                 return output
             hidden = _down(layer, inputs[0]) * (layer.owner == self.encoding_subject).to(layer.down.dtype)
             return output + _up(layer, hidden).to(output.dtype)
@@ -310,7 +310,8 @@ class RegionalCrossAttention:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         # One 4-D call with the contexts on the batch axis: torch's fused CPU and GPU kernels take 4-D
-        # inputs only, a 5-D call falls back to the unfused reference path (about 3x slower on `tiny`).
+        # inputs only; a 5-D call falls back to the unfused reference path (on `tiny` that tripled what
+        # the regional attention adds to a generation, docs/experiments/fusion_tiny.md).
         mixed = F.scaled_dot_product_attention(
             query.expand(-1, count, -1, -1, -1).reshape(batch * count, heads, tokens, head_dim),
             key.reshape(batch * count, heads, -1, head_dim),
