@@ -107,6 +107,8 @@ class ClipImageEmbedder:
         source: a folder holding a `CLIPVisionModelWithProjection` (config.json + weights), a
             `CLIPModel` folder (its vision half is used), or a hub id.
         crop: embed `subject_crop` of each photo (what a toy adapter is trained on) instead of the photo.
+        tokens: give the penultimate layer's hidden states [tokens, hidden] (what IP-Adapter Plus'
+            resampler reads, as diffusers' pipelines compute them) instead of the projected embedding.
         device, dtype: where the tower runs.
     """
 
@@ -117,6 +119,7 @@ class ClipImageEmbedder:
         source: str | Path,
         *,
         crop: bool = False,
+        tokens: bool = False,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -144,22 +147,37 @@ class ClipImageEmbedder:
         # mean and std): embeddings made here equal those diffusers makes from `ip_adapter_image`.
         self.processor = CLIPImageProcessor(size=size, crop_size=size)
         self.crop = crop
+        self.tokens = tokens
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        config = self.model.config
+        return int(config.hidden_size if self.tokens else config.projection_dim)
 
     @torch.no_grad()
     def embed(self, images: Sequence) -> torch.Tensor:
-        """uint8 arrays, PIL images or paths -> float32 embeddings [N, dim] on the CPU."""
+        """uint8 arrays, PIL images or paths -> float32 embeddings [N, dim] (tokens: [N, T, dim]) on the CPU."""
         photos = pil_images(images)
         if self.crop:
             from PIL import Image
 
             photos = [Image.fromarray(subject_crop(p)) for p in photos]
         pixels = self.processor(photos, return_tensors="pt").pixel_values
+        return self._encode(pixels)
+
+    @torch.no_grad()
+    def negative(self) -> torch.Tensor:
+        """The embedding without an image: zeros, or for tokens the hidden states of an all-zero input,
+        as diffusers' `encode_image` makes the unconditional image prompt of IP-Adapter Plus."""
+        if not self.tokens:
+            return torch.zeros(self.dim)
+        size = self.model.config.image_size
+        return self._encode(torch.zeros(1, 3, size, size))[0]
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         param = next(self.model.parameters())
-        return self.model(pixels.to(param.device, param.dtype)).image_embeds.float().cpu()
+        out = self.model(pixels.to(param.device, param.dtype), output_hidden_states=self.tokens)
+        return (out.hidden_states[-2] if self.tokens else out.image_embeds).float().cpu()
 
 
 class FaceEmbedder:

@@ -273,7 +273,13 @@ register(
         parts="pimg.inference.id_adapter:id_adapter_parts",
         personalize="pimg.inference.id_adapter:personalize",
         flags=(
-            Flag("--kind", "kind", "clip (IP-Adapter, any subject) or faceid (a face embedding)", type=str),
+            Flag(
+                "--kind",
+                "kind",
+                "clip (IP-Adapter, any subject), plus (IP-Adapter Plus: more image tokens) or faceid "
+                "(a face embedding)",
+                type=str,
+            ),
         ),
     )
 )

@@ -116,9 +116,15 @@ def test_embeds_argument_puts_zero_rows_first_under_guidance():
     assert image_embeds_argument(e, rows=2, guided=False).shape == (2, 1, 3)
 
 
-@pytest.fixture(scope="module")
-def trained_adapter(random_tiny_dir, tmp_path_factory):
-    """2 training steps on the random tiny, with its random CLIP's vision tower as the image encoder."""
+@pytest.fixture(
+    scope="module",
+    params=[("clip", 0), ("clip", 2), ("plus", 0)],
+    ids=["ip-adapter", "companion-lora", "plus"],
+)
+def trained_adapter(random_tiny_dir, tmp_path_factory, request):
+    """2 training steps on the random tiny, with its random CLIP's vision tower as the image encoder:
+    IP-Adapter, IP-Adapter with the companion LoRA, IP-Adapter Plus (8 tokens)."""
+    kind, lora_rank = request.param
     from pimg.trainers.id_adapter import IdAdapterTrainConfig
     from pimg.trainers.loop import LoopConfig
     from pimg.trainers.personalize import train
@@ -129,6 +135,9 @@ def trained_adapter(random_tiny_dir, tmp_path_factory):
         image_encoder=str(random_tiny_dir / "clip"),
         out_dir=str(out),
         batch_size=2,
+        kind=kind,
+        num_tokens=8 if kind == "plus" else 4,
+        lora_rank=lora_rank,
         sample_subjects=1,
         num_inference_steps=2,
         loop=LoopConfig(steps=2, learning_rate=1e-3, checkpoint_every=1),
@@ -139,23 +148,37 @@ def trained_adapter(random_tiny_dir, tmp_path_factory):
 def test_two_training_steps_write_an_adapter_diffusers_loads_with_its_image_encoder(
     random_tiny_dir, trained_adapter
 ):
-    from pimg.embedders import ClipImageEmbedder
+    from pimg.formats.ip_adapter import find_ip_adapter_file
+    from pimg.inference.id_adapter import embedder_for
     from pimg.toyworld.subjects import EVAL_SUBJECTS
 
-    assert json.loads((trained_adapter / "config.json").read_text())["method"] == "id-adapter"
+    record = json.loads((trained_adapter / "config.json").read_text())
+    assert record["method"] == "id-adapter"
     assert (trained_adapter / "samples").is_dir() and (trained_adapter / "checkpoints").is_dir()
     weights = read_ip_adapter(trained_adapter)
     info = describe_ip_adapter(weights)
     start = load_base(str(random_tiny_dir)).unet
-    assert (info.kind, info.embed_dim, info.num_layers) == ("clip", 128, len(cross_attention_layers(start)))
+    embedder = embedder_for(find_ip_adapter_file(trained_adapter))
+    assert (info.kind, info.num_tokens, info.num_layers) == (
+        record["kind"],
+        record["num_tokens"],
+        len(cross_attention_layers(start)),
+    )
+    assert info.embed_dim == embedder.dim and embedder.tokens == (info.kind == "plus")
     # what trained moved: the key/value layers started as copies of to_k / to_v
     to_k = dict(start.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn2"].to_k.weight
     assert not torch.equal(weights["ip_adapter"]["1.to_k_ip.weight"], to_k)
+    rank = record["lora_rank"]
+    assert info.has_lora == (rank > 0)
+    if rank:  # the companion LoRA covers self- and cross-attention, and its up factors left zero
+        ups = [k for k in weights["ip_adapter"] if k.endswith("_lora.up.weight")]
+        assert len(ups) == 4 * len(start.attn_processors)
+        assert weights["ip_adapter"]["0.to_q_lora.up.weight"].abs().sum() > 0
 
     photo = next(iter(EVAL_SUBJECTS.values())).photos(1, seed=0)[0]
     pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
-    embedding = ClipImageEmbedder(trained_adapter / "image_encoder").embed([photo])
-    pp.add(IdAdapterPart(trained_adapter, embedding))
+    negative = embedder.negative() if embedder.tokens else None
+    pp.add(IdAdapterPart(trained_adapter, embedder.embed([photo]), negative=negative))
     ours = _pimg(pp)
 
     from PIL import Image
@@ -181,6 +204,9 @@ def test_training_resumes_exactly(random_tiny_dir, trained_adapter, tmp_path):
             "base": record["base"],
             "image_encoder": record["image_encoder"],
             "batch_size": 2,
+            "kind": record["kind"],
+            "num_tokens": record["num_tokens"],
+            "lora_rank": record["lora_rank"],
             "sample_subjects": 0,
             "out_dir": str(tmp_path / "straight"),
             "loop.steps": 3,
@@ -207,7 +233,15 @@ def test_personalized_subject_folder_loads_as_a_result(random_tiny_dir, trained_
     )
     loaded = load_result(folder, scale=0.5)
     (part,) = loaded.parts
-    assert isinstance(part, IdAdapterPart) and part.scale == 0.5 and part.embedding.shape == (128,)
+    assert isinstance(part, IdAdapterPart) and part.scale == 0.5
+    info = describe_ip_adapter(read_ip_adapter(trained_adapter))
+    # the mean over the photos: one embedding, or for Plus one set of encoder tokens and the unconditional ones
+    if info.kind == "plus":
+        assert part.embedding.shape == part.negative.shape and part.embedding.shape[-1] == info.embed_dim
+        with pytest.raises(InputError, match=r"takes tokens \[T, D\]"):  # a pooled embedding is no Plus input
+            IdAdapterPart(trained_adapter, torch.zeros(info.embed_dim))
+    else:
+        assert part.embedding.shape == (info.embed_dim,) and part.negative is None
 
 
 # ------------------------------------------------------------------------------ faces (../shared/faces)

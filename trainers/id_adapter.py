@@ -1,23 +1,27 @@
-"""Tuning-free ID adapter (IP-Adapter, Ye et al. 2023; IP-Adapter-FaceID): train the image prompt once,
-then personalize from one photo with no training.
+"""Tuning-free ID adapter (IP-Adapter, Ye et al. 2023; IP-Adapter Plus; IP-Adapter-FaceID): train the
+image prompt once, then personalize from one photo with no training.
 
-What learns: the image projection (embedding -> 4 tokens of cross-attention width) and, beside each
+What learns: the image projection (IP-Adapter: a linear map of the CLIP embedding to 4 tokens of
+cross-attention width; Plus: a resampler, `num_tokens` learned queries attending to the CLIP
+encoder's penultimate hidden states; FaceID: an MLP of the face embedding) and, beside each
 cross-attention layer, the decoupled keys and values `to_k_ip`, `to_v_ip` (initialised from the
-layer's `to_k` / `to_v`, so at step 0 the image tokens are read like text tokens). The UNet, VAE, text
-encoder and the image embedder stay frozen. The model is diffusers' own: the adapter is loaded with
-`pipe.load_ip_adapter` and trained through the same attention processors that generate with it, so
-what is trained is what a user loads.
+layer's `to_k` / `to_v`, so at step 0 the image tokens are read like text tokens); with `lora_rank`,
+also FaceID's companion LoRA on every attention layer. The UNet, VAE, text encoder and the image
+embedder stay frozen. The model is diffusers' own: the adapter is loaded with `pipe.load_ip_adapter`
+and trained through the same attention processors that generate with it, so what is trained is what
+a user loads.
 
 Data: each example conditions on one photo of a subject and takes the loss on another photo of it
 (Ye et al. train on image-caption pairs of one image; here the two photos differ in size, position and
 background, so the adapter learns the subject, not the photo's layout). About 5% of examples drop the
-image embedding (zeros, the unconditional embedding diffusers uses), 5% the text and 5% both, so
-classifier-free guidance works at inference (Ye et al., sec. 3.3). On `tiny` the subjects come from
-the toy world's unlimited subject generator (never an evaluation subject); on real bases from a
-folder of subjects (`data/<subject>/*.jpg` with optional `.txt` captions), encoded once.
+image embedding (the unconditional embedding diffusers uses: zeros; for Plus an all-zero image's
+hidden states), 5% the text and 5% both, so classifier-free guidance works at inference (Ye et al.,
+sec. 3.3). On `tiny` the subjects come from the toy world's unlimited subject generator (never an
+evaluation subject); on real bases from a folder of subjects (`data/<subject>/*.jpg` with optional
+`.txt` captions), encoded once.
 
 Output: `ip_adapter.safetensors` in IP-Adapter's layout (`pimg.formats.ip_adapter`), the image
-encoder as `image_encoder/` (CLIP kind), a model card, `config.json` and sample grids.
+encoder as `image_encoder/` (clip and plus kinds), a model card, `config.json` and sample grids.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from pimg.trainers.diffusion_training import (
 )
 from pimg.trainers.loop import LoopConfig, Shard
 
-KINDS = ("clip", "faceid")
+KINDS = ("clip", "plus", "faceid")
+LAYOUT_NAMES = {"clip": "IP-Adapter", "plus": "IP-Adapter Plus", "faceid": "IP-Adapter-FaceID"}
 
 
 @dataclass
@@ -48,9 +53,10 @@ class IdAdapterTrainConfig:
 
     Attributes:
         base: base model the adapter is trained for.
-        kind: "clip" (IP-Adapter: a CLIP image embedding, for any subject) or "faceid" (FaceID: a face
-            identity embedding through an MLP projection).
-        image_encoder: CLIP vision model (hub id or folder) for the clip kind; None: the toy CLIP's
+        kind: "clip" (IP-Adapter: a CLIP image embedding, for any subject), "plus" (IP-Adapter Plus: a
+            resampler over the CLIP encoder's penultimate hidden states, num_tokens tokens) or "faceid"
+            (FaceID: a face identity embedding through an MLP projection).
+        image_encoder: CLIP vision model (hub id or folder) for the clip and plus kinds; None: the toy CLIP's
             vision tower on `tiny` (required on other bases).
         face_backend: "insightface" (ArcFace 512-d, the public FaceID checkpoints' embedding) or "dlib"
             (128-d, CC0 models) for the faceid kind.
@@ -65,6 +71,10 @@ class IdAdapterTrainConfig:
         batch_size: subjects per micro-batch (one conditioning photo and one target photo each).
         num_tokens: image tokens per cross-attention layer (IP-Adapter and FaceID use 4; diffusers
             reads IP-Adapter's linear projection as 4 tokens, so the clip kind takes 4 only).
+        lora_rank: rank of FaceID's companion LoRA, trained with the adapter on every attention layer's
+            q, k, v and out (self- and cross-attention), so the UNet learns to use the image tokens; it
+            is saved in the adapter file, where diffusers' `load_ip_adapter` loads it (as `faceid_0`).
+            0: none (plain IP-Adapter).
         image_drop, text_drop, both_drop: shares of examples trained without the image, the text or both.
         noise_offset, min_snr_gamma: as in the base's training (see `denoising_loss`).
         sample_subjects: subjects shown in the sample grid (generated ones, not evaluation subjects).
@@ -85,6 +95,7 @@ class IdAdapterTrainConfig:
     resolution: int | None = None
     batch_size: int = 8
     num_tokens: int = 4
+    lora_rank: int = 0
     image_drop: float = 0.05
     text_drop: float = 0.05
     both_drop: float = 0.05
@@ -100,20 +111,23 @@ class IdAdapterTrainConfig:
             raise InputError(f"kind {self.kind!r} is not one of {KINDS}.")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.lora_rank < 0:
+            raise InputError(f"lora_rank must be >= 0 (0: no companion LoRA), got {self.lora_rank}.")
         if self.num_tokens < 1:
             raise InputError(f"num_tokens must be >= 1, got {self.num_tokens}.")
         if self.kind == "clip" and self.num_tokens != 4:
             # diffusers reads IP-Adapter's linear projection as 4 tokens whatever its size
             raise InputError(
-                f"the clip kind (IP-Adapter's projection) has 4 tokens; got num_tokens={self.num_tokens}."
+                f"the clip kind (IP-Adapter's projection) has 4 tokens; got num_tokens={self.num_tokens}. "
+                "For more image tokens use kind plus (IP-Adapter Plus' resampler)."
             )
         drops = (self.image_drop, self.text_drop, self.both_drop)
         if any(d < 0 for d in drops) or sum(drops) >= 1:
             raise InputError(
                 f"image_drop, text_drop and both_drop must be >= 0 and sum below 1; got {drops}."
             )
-        if self.data == "toy" and self.kind != "clip":
-            raise InputError("the toy world has no faces: data 'toy' trains the clip kind only.")
+        if self.data == "toy" and self.kind == "faceid":
+            raise InputError("the toy world has no faces: data 'toy' trains the clip and plus kinds.")
 
 
 def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
@@ -133,12 +147,14 @@ def build_embedder(config: IdAdapterTrainConfig, device: str = "cpu"):
         from pimg.models import toy_clip_folder
 
         source = toy_clip_folder()
-    return ClipImageEmbedder(source, crop=config.subject_crop, device=device)
+    return ClipImageEmbedder(source, crop=config.subject_crop, tokens=config.kind == "plus", device=device)
 
 
-def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int) -> dict:
+def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int, lora_rank: int = 0) -> dict:
     """A fresh adapter in IP-Adapter's layout: a randomly initialised projection (torch's Linear init,
-    LayerNorm at identity) and `to_k_ip` / `to_v_ip` copied from each cross-attention layer's `to_k` / `to_v`."""
+    LayerNorm at identity) and `to_k_ip` / `to_v_ip` copied from each cross-attention layer's `to_k` / `to_v`;
+    with `lora_rank`, FaceID's companion LoRA on every attention layer, its up factors zero (so the
+    UNet starts as the base)."""
     from pimg.formats.ip_adapter import cross_attention_layers
 
     width = unet.config.cross_attention_dim
@@ -150,12 +166,15 @@ def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int)
         bias = (torch.rand(n_out, generator=generator) * 2 - 1) * bound
         return {f"{prefix}.weight": weight, f"{prefix}.bias": bias}
 
-    if kind == "clip":
+    if kind == "plus":
+        proj = initial_resampler(embed_dim, width, num_tokens, seed)
+    elif kind == "clip":
         proj = linear(embed_dim, num_tokens * width, "proj")
     else:
         hidden = 1024 if embed_dim >= 512 else 4 * embed_dim  # FaceID's MLPProjModel: 512 -> 1024
         proj = {**linear(embed_dim, hidden, "proj.0"), **linear(hidden, num_tokens * width, "proj.2")}
-    proj |= {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    if kind != "plus":
+        proj |= {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
     modules = dict(unet.named_modules())
     layers = {}
     names = list(unet.attn_processors)
@@ -164,6 +183,19 @@ def initial_adapter(unet, kind: str, embed_dim: int, num_tokens: int, seed: int)
         attention = modules[name.removesuffix(".processor")]
         layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
         layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+    if lora_rank:
+        for index, name in enumerate(names):
+            attention = modules[name.removesuffix(".processor")]
+            for short, linear_layer in (
+                ("to_q", attention.to_q),
+                ("to_k", attention.to_k),
+                ("to_v", attention.to_v),
+                ("to_out", attention.to_out[0]),
+            ):
+                # peft's "gaussian" init: down ~ N(0, 1/r), up = 0
+                down = torch.randn(lora_rank, linear_layer.in_features, generator=generator) / lora_rank
+                layers[f"{index}.{short}_lora.down.weight"] = down
+                layers[f"{index}.{short}_lora.up.weight"] = torch.zeros(linear_layer.out_features, lora_rank)
     return {"image_proj": proj, "ip_adapter": layers}
 
 
@@ -202,25 +234,34 @@ class IdAdapterMethod:
         load_adapter_into(
             self.pipe,
             initial_adapter(
-                self.pipe.unet, config.kind, self.embedder.dim, config.num_tokens, config.loop.seed
+                self.pipe.unet,
+                config.kind,
+                self.embedder.dim,
+                config.num_tokens,
+                config.loop.seed,
+                config.lora_rank,
             ),
         )
         self.processors = torch.nn.ModuleList(
             p for p in self.pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")
         )
         self.projection = self.pipe.unet.encoder_hid_proj
-        for module in (self.processors, self.projection):
+        self.lora = companion_lora_modules(self.pipe.unet)
+        for module in (self.processors, self.projection, self.lora):
             module.requires_grad_(True).float()
         self.pipe.to(self.device)
+        # the embedding of "no image": zeros, except IP-Adapter Plus' (an all-zero image's hidden states)
+        self.negative = self.embedder.negative() if config.kind == "plus" else None
         self._sample_inputs = None
 
     # ------------------------------------------------------------------------------------------ training
 
     def trainable_modules(self):
-        return {"image_proj": self.projection, "ip_layers": self.processors}
+        modules = {"image_proj": self.projection, "ip_layers": self.processors}
+        return modules | ({"companion_lora": self.lora} if len(self.lora) else {})
 
     def trainable_parameters(self):
-        return [p for m in (self.projection, self.processors) for p in m.parameters()]
+        return [p for m in (self.projection, self.processors, self.lora) for p in m.parameters()]
 
     def batch(self, step: int, micro: int, seed: int) -> IdBatch:
         b = self.config.batch_size
@@ -239,7 +280,7 @@ class IdAdapterMethod:
         else:
             latents = encode_latents(self.pipe.vae, np.stack([t for _, t, _ in mine]))
             embeds = self.embedder.embed([i for i, _, _ in mine])
-        embeds[torch.from_numpy(drop_image)] = 0
+        embeds[torch.from_numpy(drop_image)] = 0 if self.negative is None else self.negative
         prompts = ["" if drop else caption for (_, _, caption), drop in zip(mine, drop_text, strict=True)]
         time_ids = None
         if self.sdxl:
@@ -287,7 +328,9 @@ class IdAdapterMethod:
                 self.pipe.set_ip_adapter_scale(scale)
                 out = self.pipe(
                     [caption] * 2,
-                    ip_adapter_image_embeds=[image_embeds_argument(embeds, 2, guidance > 1)],
+                    ip_adapter_image_embeds=[
+                        image_embeds_argument(embeds[0], 2, guidance > 1, self.negative)
+                    ],
                     num_inference_steps=c.num_inference_steps,
                     guidance_scale=guidance,
                     generator=[torch.Generator().manual_seed(k) for k in range(2)],
@@ -334,7 +377,7 @@ class IdAdapterMethod:
             "pimg.subject_crop": str(c.subject_crop).lower(),
         }
         save_ip_adapter(out_dir / IP_ADAPTER_FILE, ip_adapter_from_unet(self.pipe.unet), metadata)
-        if c.kind == "clip":
+        if c.kind != "faceid":
             self.embedder.model.save_pretrained(str(out_dir / "image_encoder"), safe_serialization=True)
         self.write_model_card(out_dir)
 
@@ -354,25 +397,57 @@ class IdAdapterMethod:
             f'pipe.load_ip_adapter("{out_dir}", subfolder="", weight_name="ip_adapter.safetensors"'
             + (
                 ', image_encoder_folder="image_encoder")\n'
-                if c.kind == "clip"
+                if c.kind != "faceid"
                 else ", image_encoder_folder=None)\n"
             )
             + "pipe.set_ip_adapter_scale(0.8)\n"
             + (
                 'image = pipe("a photo", ip_adapter_image=photo).images[0]\n'
-                if c.kind == "clip"
+                if c.kind != "faceid"
                 else 'image = pipe("a photo", ip_adapter_image_embeds=[face_embeds]).images[0]\n'
             )
             + "```\n\n"
             f"pimg: `pimg generate --base {base} --id-adapter {out_dir} --id-image photo.png --prompt ...`\n"
         )
         text = (
-            f"# ID adapter ({'IP-Adapter' if c.kind == 'clip' else 'IP-Adapter-FaceID'} layout)\n\n"
+            f"# ID adapter ({LAYOUT_NAMES[c.kind]} layout)\n\n"
             f"Base: `{base}`; embedder: {self.embedder_description()}; {c.loop.steps} steps, batch {c.batch_size}, "
             f"data: {c.data}.\n\nSample grid: `samples/` (per subject: its photo, two images at scale 0, two "
             "at scale 1).\n\n## Use\n\n" + usage
         )
         (out_dir / "README.md").write_text(text)
+
+
+def initial_resampler(embed_dim: int, width: int, num_tokens: int, seed: int) -> dict:
+    """A fresh IP-Adapter Plus resampler (diffusers' init, seeded) in IP-Adapter Plus' layout; its
+    width is the UNet's cross-attention width, in heads of 64 as the public Plus files have them."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from pimg.formats.ip_adapter import resampler_to_ip_adapter
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        resampler = IPAdapterPlusImageProjection(
+            embed_dims=embed_dim,
+            output_dims=width,
+            hidden_dims=width,
+            heads=max(1, width // 64),
+            num_queries=num_tokens,
+        )
+    return resampler_to_ip_adapter(resampler.state_dict())
+
+
+def companion_lora_modules(unet) -> torch.nn.ModuleList:
+    """The down and up layers of the companion LoRA diffusers loaded from the adapter (peft adapter
+    `faceid_0`), for training; empty when the adapter has none."""
+    from pimg.formats.ip_adapter import COMPANION_LORA
+
+    out = torch.nn.ModuleList()
+    for module in unet.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and COMPANION_LORA in lora_a:
+            out.extend([lora_a[COMPANION_LORA], module.lora_B[COMPANION_LORA]])
+    return out
 
 
 def _base_guidance(base: str) -> float:

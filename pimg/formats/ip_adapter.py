@@ -6,6 +6,8 @@ The layout is IP-Adapter's own (Ye et al. 2023; github.com/tencent-ailab/IP-Adap
 - `image_proj.*`: the projection from an image embedding to N tokens of the UNet's cross-attention
   width. IP-Adapter: `proj` (Linear, embed -> 4 x cross_dim) and `norm` (LayerNorm). IP-Adapter-FaceID:
   `MLPProjModel`, `proj.0` (embed -> 1024), GELU, `proj.2` (1024 -> 4 x cross_dim), `norm`.
+  IP-Adapter Plus: a resampler (`latents`, `proj_in`, `layers.{d}.0` attention, `layers.{d}.1` feed-forward,
+  `proj_out`, `norm_out`) from the CLIP image encoder's penultimate hidden states to N tokens.
 - `ip_adapter.{i}.to_k_ip.weight`, `ip_adapter.{i}.to_v_ip.weight`: the decoupled keys and values of
   cross-attention layer i, where i counts every attention processor of the UNet in order, so the
   cross-attention ones are 1, 3, 5, ... (SD 1.5: 16 layers, 1 to 31).
@@ -42,6 +44,8 @@ KNOWN_FILES = (
     "ip-adapter-faceid_sdxl.bin",
 )
 SECTIONS = ("image_proj", "ip_adapter")
+#: The peft adapter name diffusers' `load_ip_adapter` gives a file's companion (FaceID) LoRA.
+COMPANION_LORA = "faceid_0"
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,11 @@ class IpAdapterInfo:
     """What an IP-Adapter file is.
 
     Attributes:
-        kind: "clip" (IP-Adapter's projection of a CLIP image embedding) or "faceid" (FaceID's MLP
+        kind: "clip" (IP-Adapter's projection of a CLIP image embedding), "plus" (IP-Adapter Plus'
+            resampler over the CLIP encoder's penultimate hidden states) or "faceid" (FaceID's MLP
             projection of a face-identity embedding).
-        embed_dim: the embedding size it takes (CLIP projection dim; 512 for ArcFace).
+        embed_dim: the embedding size it takes (CLIP projection dim; the CLIP hidden size for plus;
+            512 for ArcFace).
         cross_attention_dim: the UNet cross-attention width it was made for (SD 1.5: 768, SDXL: 2048).
         num_tokens: image tokens it adds to each cross-attention layer.
         num_layers: cross-attention layers it has keys and values for.
@@ -114,11 +120,15 @@ def describe_ip_adapter(weights: dict[str, dict[str, torch.Tensor]]) -> IpAdapte
         embed_dim = proj["proj.0.weight"].shape[1]
         cross = proj["norm.weight"].shape[0]
         kind, tokens = "faceid", proj["proj.2.weight"].shape[0] // cross
+    elif {"latents", "proj_in.weight", "proj_out.weight"} <= set(proj):
+        embed_dim = proj["proj_in.weight"].shape[1]
+        cross = proj["proj_out.weight"].shape[0]
+        kind, tokens = "plus", proj["latents"].shape[1]
     else:
         raise ModelLoadError(
-            "this IP-Adapter's image projection is neither IP-Adapter's (proj, norm) nor FaceID's "
-            f"(proj.0, proj.2, norm); its keys start {sorted(proj)[:4]}. pimg loads those two; load others "
-            "with diffusers' pipe.load_ip_adapter directly."
+            "this IP-Adapter's image projection is none of IP-Adapter's (proj, norm), IP-Adapter Plus' "
+            f"(latents, proj_in, proj_out) or FaceID's (proj.0, proj.2, norm); its keys start {sorted(proj)[:4]}. "
+            "pimg loads those three; load others with diffusers' pipe.load_ip_adapter directly."
         )
     num_layers = sum(1 for key in layers if key.endswith(".to_k_ip.weight"))
     has_lora = any(key.endswith("_lora.down.weight") for key in layers)
@@ -144,6 +154,16 @@ def check_ip_adapter(info: IpAdapterInfo, unet, source: str = "the IP-Adapter") 
 
 def check_embedding(info: IpAdapterInfo, embedding: torch.Tensor, source: str = "the IP-Adapter") -> None:
     """Refuse an embedding whose size is not the one the adapter takes."""
+    if (embedding.ndim == 2) != (info.kind == "plus"):
+        wanted = (
+            "tokens [T, D], the CLIP encoder's penultimate hidden states"
+            if info.kind == "plus"
+            else "one vector [D]"
+        )
+        raise InputError(
+            f"the embedding has shape {tuple(embedding.shape)}, but {source} ({info.kind}) takes {wanted}. Make "
+            "the embedding with the embedder the adapter was trained with (pimg.inference.id_adapter.embedder_for)."
+        )
     if embedding.shape[-1] != info.embed_dim:
         takes = (
             "a 512-d ArcFace face embedding (insightface buffalo_l)"
@@ -172,9 +192,14 @@ def ip_adapter_from_unet(unet) -> dict[str, dict[str, torch.Tensor]]:
 
     The inverse of diffusers' conversion: `image_embeds` -> `proj` (IP-Adapter), `ff.net.0.proj` ->
     `proj.0` and `ff.net.2` -> `proj.2` (FaceID); each cross-attention processor's `to_k_ip.0` /
-    `to_v_ip.0` under its IP-Adapter index (1, 3, 5, ...). Used to save an adapter trained here.
+    `to_v_ip.0` under its IP-Adapter index (1, 3, 5, ...); the companion LoRA (peft adapter
+    `faceid_0`), when loaded, as `{i}.to_{q,k,v,out}_lora.{down,up}`. Used to save an adapter trained here.
     """
-    from diffusers.models.embeddings import ImageProjection, IPAdapterFaceIDImageProjection
+    from diffusers.models.embeddings import (
+        ImageProjection,
+        IPAdapterFaceIDImageProjection,
+        IPAdapterPlusImageProjection,
+    )
 
     hid = getattr(unet, "encoder_hid_proj", None)
     projections = getattr(hid, "image_projection_layers", None)
@@ -183,17 +208,62 @@ def ip_adapter_from_unet(unet) -> dict[str, dict[str, torch.Tensor]]:
     projection = projections[0]
     renames = {ImageProjection: {"image_embeds.": "proj."}}
     renames[IPAdapterFaceIDImageProjection] = {"ff.net.0.proj.": "proj.0.", "ff.net.2.": "proj.2."}
-    if type(projection) not in renames:
+    if isinstance(projection, IPAdapterPlusImageProjection):
+        image_proj = resampler_to_ip_adapter(projection.state_dict())
+    elif type(projection) in renames:
+        image_proj = {}
+        for key, value in projection.state_dict().items():
+            for old, new in renames[type(projection)].items():
+                key = key.replace(old, new)
+            image_proj[key] = value
+    else:
         raise InputError(f"saving a {type(projection).__name__} projection is not supported.")
-    image_proj = {}
-    for key, value in projection.state_dict().items():
-        for old, new in renames[type(projection)].items():
-            key = key.replace(old, new)
-        image_proj[key] = value
     layers = {}
+    modules = dict(unet.named_modules())
     for index, name in enumerate(unet.attn_processors):
         processor = unet.attn_processors[name]
         if hasattr(processor, "to_k_ip"):
             layers[f"{index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
             layers[f"{index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+        attention = name.removesuffix(".processor")
+        for short, path in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+            layer = modules.get(f"{attention}.{path}")
+            if layer is not None and COMPANION_LORA in getattr(layer, "lora_A", {}):
+                # the old attention-processor LoRA layout has no alpha: fold peft's scaling into up
+                scaling = layer.scaling[COMPANION_LORA]
+                layers[f"{index}.{short}_lora.down.weight"] = layer.lora_A[COMPANION_LORA].weight
+                layers[f"{index}.{short}_lora.up.weight"] = layer.lora_B[COMPANION_LORA].weight * scaling
     return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+#: diffusers' names in IP-Adapter Plus' resampler block -> IP-Adapter's (the inverse of diffusers'
+#: `_convert_ip_adapter_image_proj_to_diffusers`; its keys and values are split there, joined here).
+_RESAMPLER_BLOCK_NAMES = {
+    "ln0": "0.norm1",
+    "ln1": "0.norm2",
+    "attn.to_q": "0.to_q",
+    "attn.to_out.0": "0.to_out",
+    "ff.0": "1.0",
+    "ff.1.net.0.proj": "1.1",
+    "ff.1.net.2": "1.3",
+}
+
+
+def resampler_to_ip_adapter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An `IPAdapterPlusImageProjection` state dict (diffusers' names) in IP-Adapter Plus' own layout."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, depth, rest = key.split(".", 2)
+        if rest.startswith("attn.to_v."):
+            continue  # joined with to_k below
+        if rest.startswith("attn.to_k."):
+            suffix = rest.removeprefix("attn.to_k.")
+            value = torch.cat([value, state[f"layers.{depth}.attn.to_v.{suffix}"]])
+            out[f"layers.{depth}.0.to_kv.{suffix}"] = value
+            continue
+        module, _, suffix = rest.rpartition(".")
+        out[f"layers.{depth}.{_RESAMPLER_BLOCK_NAMES[module]}.{suffix}"] = value
+    return out
