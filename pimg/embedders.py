@@ -155,8 +155,12 @@ class ClipImageEmbedder:
         return int(config.hidden_size if self.tokens else config.projection_dim)
 
     @torch.no_grad()
-    def embed(self, images: Sequence) -> torch.Tensor:
-        """uint8 arrays, PIL images or paths -> float32 embeddings [N, dim] (tokens: [N, T, dim]) on the CPU."""
+    def embed(self, images: Sequence, names: Sequence[str] | None = None) -> torch.Tensor:
+        """uint8 arrays, PIL images or paths -> float32 embeddings [N, dim] (tokens: [N, T, dim]) on the CPU.
+
+        `names` is the embedders' common signature (`FaceEmbedder` names a photo without a face); every
+        photo has a CLIP embedding, so it is not needed here.
+        """
         photos = pil_images(images)
         if self.crop:
             from PIL import Image

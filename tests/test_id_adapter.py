@@ -189,6 +189,33 @@ def test_two_training_steps_write_an_adapter_diffusers_loads_with_its_image_enco
     assert np.abs(ours - theirs).max() <= 1
 
 
+def test_trains_on_a_folder_of_subject_folders(random_tiny_dir, tmp_path):
+    """Real bases train on `data/<subject>/*.png` (2+ photos each, captions optional), encoded once."""
+    from pimg.photos import save_photos
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+    from pimg.trainers.id_adapter import IdAdapterTrainConfig
+    from pimg.trainers.loop import LoopConfig
+    from pimg.trainers.personalize import train
+
+    for subject in list(EVAL_SUBJECTS.values())[:2]:
+        save_photos(tmp_path / "data" / subject.name, subject.photos(2, seed=3), None)
+    # one photo: nothing to take the loss on, so skipped
+    save_photos(tmp_path / "data" / "lonely", subject.photos(1, seed=4), None)
+    config = IdAdapterTrainConfig(
+        base=str(random_tiny_dir),
+        image_encoder=str(random_tiny_dir / "clip"),
+        data=str(tmp_path / "data"),
+        kind="plus",
+        out_dir=str(tmp_path / "out"),
+        batch_size=2,
+        sample_subjects=1,
+        num_inference_steps=2,
+        loop=LoopConfig(steps=1),
+    )
+    weights = read_ip_adapter(train("id-adapter", config, progress=False))
+    assert describe_ip_adapter(weights).kind == "plus"
+
+
 def test_training_resumes_exactly(random_tiny_dir, trained_adapter, tmp_path):
     from pimg.trainers.personalize import load_train_config, resume_config, train
 

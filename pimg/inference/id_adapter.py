@@ -238,9 +238,7 @@ def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str |
     adapter = resolve_adapter(model, base)
     photos, names = photo_inputs(photos)
     embedder = embedder_for(adapter)
-    embedding = (
-        embedder.embed(list(photos), names) if embedder.kind == "face" else embedder.embed(list(photos))
-    )
+    embedding = embedder.embed(list(photos), names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"embedding": embedding}
