@@ -70,7 +70,8 @@ class IdAdapterTrainConfig:
         resolution: training size; None: the base's native size.
         batch_size: subjects per micro-batch (one conditioning photo and one target photo each).
         num_tokens: image tokens per cross-attention layer (IP-Adapter and FaceID use 4; diffusers
-            reads IP-Adapter's linear projection as 4 tokens, so the clip kind takes 4 only).
+            reads IP-Adapter's linear projection as 4 tokens, so the clip kind takes 4 only; the plus
+            kind takes any number, IP-Adapter Plus uses 16).
         lora_rank: rank of FaceID's companion LoRA, trained with the adapter on every attention layer's
             q, k, v and out (self- and cross-attention), so the UNet learns to use the image tokens; it
             is saved in the adapter file, where diffusers' `load_ip_adapter` loads it (as `faceid_0`).
