@@ -123,7 +123,7 @@ class IdAdapterPart(Part):
         adapter: the adapter file (`.bin` or `.safetensors`), or a folder holding one.
         embedding: the subject's embedding, [D] or [N, D] (N photos: their mean is used); for IP-Adapter
             Plus its tokens, [T, D] or [N, T, D].
-        scale: the image prompt's weight (`set_ip_adapter_scale`; 0 = the base alone).
+        scale: the image prompt's weight (`set_ip_adapter_scale`; 0 = no image prompt; a companion LoRA stays on).
         name: the part's name.
         negative: the unconditional embedding under guidance (IP-Adapter Plus: the encoder's hidden
             states of an all-zero image); None: zeros.
