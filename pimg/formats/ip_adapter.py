@@ -218,8 +218,13 @@ def ip_adapter_from_unet(unet) -> dict[str, dict[str, torch.Tensor]]:
             image_proj[key] = value
     else:
         raise InputError(f"saving a {type(projection).__name__} projection is not supported.")
+    companion = {}
+    if COMPANION_LORA in getattr(unet, "peft_config", {}):
+        from pimg.formats.lora import lora_state_dict_from_peft
+
+        # the old attention-processor LoRA layout has no alpha: the export folds peft's scale into up
+        companion = lora_state_dict_from_peft(unet, "unet", adapter_name=COMPANION_LORA)
     layers = {}
-    modules = dict(unet.named_modules())
     for index, name in enumerate(unet.attn_processors):
         processor = unet.attn_processors[name]
         if hasattr(processor, "to_k_ip"):
@@ -227,12 +232,10 @@ def ip_adapter_from_unet(unet) -> dict[str, dict[str, torch.Tensor]]:
             layers[f"{index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
         attention = name.removesuffix(".processor")
         for short, path in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
-            layer = modules.get(f"{attention}.{path}")
-            if layer is not None and COMPANION_LORA in getattr(layer, "lora_A", {}):
-                # the old attention-processor LoRA layout has no alpha: fold peft's scaling into up
-                scaling = layer.scaling[COMPANION_LORA]
-                layers[f"{index}.{short}_lora.down.weight"] = layer.lora_A[COMPANION_LORA].weight
-                layers[f"{index}.{short}_lora.up.weight"] = layer.lora_B[COMPANION_LORA].weight * scaling
+            for half, file_half in (("lora_A", "down"), ("lora_B", "up")):
+                weight = companion.get(f"unet.{attention}.{path}.{half}.weight")
+                if weight is not None:
+                    layers[f"{index}.{short}_lora.{file_half}.weight"] = weight
     return {"image_proj": image_proj, "ip_adapter": layers}
 
 

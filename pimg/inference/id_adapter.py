@@ -310,21 +310,19 @@ def read_embedding_file(path: str | Path) -> torch.Tensor:
 def part_from_request(request) -> IdAdapterPart:
     """`pimg generate --id-adapter/--id-image/--id-embedding` as a part; says which face was used."""
     adapter = resolve_adapter(request.id_adapter, request.base)
-    plus = describe_ip_adapter(read_ip_adapter(adapter)).kind == "plus"
-    # an embedding file needs no embedder, except for IP-Adapter Plus' unconditional tokens
-    embedder = embedder_for(adapter, request.face_backend) if plus or not request.id_embedding else None
-    if request.id_embedding:
+    embedder = None if request.id_embedding else embedder_for(adapter, request.face_backend)
+    if embedder is None:
         embedding = read_embedding_file(request.id_embedding)
-    elif embedder.kind == "face":
+    else:
         embedding = embedder.embed(request.id_images, request.id_images)
-        for report in embedder.reports:
+        for report in getattr(embedder, "reports", []):
             if report["faces"] > 1:
                 print(
                     f"pimg: {report['photo']} shows {report['faces']} faces; used the largest, at "
                     f"{report['used_box']} (left, top, right, bottom)"
                 )
-    else:
-        embedding = embedder.embed(request.id_images)
     print(f"pimg: ID adapter {adapter} at scale {request.id_scale:g}")
-    negative = embedder.negative() if plus else None
-    return IdAdapterPart(adapter, embedding, scale=request.id_scale, negative=negative)
+    part = IdAdapterPart(adapter, embedding, scale=request.id_scale)
+    if part.info.kind == "plus":  # IP-Adapter Plus' unconditional tokens come from its image encoder
+        part.negative = (embedder or embedder_for(adapter)).negative()
+    return part
