@@ -177,8 +177,8 @@ def test_two_training_steps_write_an_adapter_diffusers_loads_with_its_image_enco
 
     photo = next(iter(EVAL_SUBJECTS.values())).photos(1, seed=0)[0]
     pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
-    negative = embedder.negative() if embedder.tokens else None
-    pp.add(IdAdapterPart(trained_adapter, embedder.embed([photo]), negative=negative))
+    # no negative= given: a Plus part takes its unconditional tokens from the image encoder itself
+    pp.add(IdAdapterPart(trained_adapter, embedder.embed([photo])))
     ours = _pimg(pp)
 
     from PIL import Image
@@ -269,6 +269,28 @@ def test_personalized_subject_folder_loads_as_a_result(random_tiny_dir, trained_
             IdAdapterPart(trained_adapter, torch.zeros(info.embed_dim))
     else:
         assert part.embedding.shape == (info.embed_dim,) and part.negative is None
+
+
+def test_a_plus_adapter_without_its_image_encoder_guides_with_zeros_and_says_so(trained_adapter, tmp_path):
+    import shutil
+
+    from pimg.formats.ip_adapter import find_ip_adapter_file
+    from pimg.inference.parts import GenerationCall
+
+    info = describe_ip_adapter(read_ip_adapter(trained_adapter))
+    if info.kind != "plus":
+        pytest.skip("only IP-Adapter Plus takes unconditional tokens from its encoder")
+    lone = tmp_path / "ip_adapter.safetensors"  # the file alone, no image_encoder/ beside it
+    shutil.copy(find_ip_adapter_file(trained_adapter), lone)
+    tokens = torch.randn(8, info.embed_dim)
+    part = IdAdapterPart(lone, tokens)
+    call = GenerationCall(["a"], None, [0], 2, guidance_scale=3.0, height=32, width=32)
+    with pytest.warns(UserWarning, match="zeros"):
+        (embeds,) = part.call_arguments(call)["ip_adapter_image_embeds"]
+    assert embeds.shape == (2, 1, 8, info.embed_dim)  # [unconditional, conditional] rows
+    assert torch.equal(embeds[0, 0], torch.zeros_like(tokens)) and torch.equal(embeds[1, 0], tokens)
+    unguided = GenerationCall(["a"], None, [0], 2, guidance_scale=1.0, height=32, width=32)
+    assert part.call_arguments(unguided)["ip_adapter_image_embeds"][0].shape[0] == 1
 
 
 # ------------------------------------------------------------------------------ faces (../shared/faces)

@@ -25,6 +25,7 @@ from pimg.toyworld.subjects import (
     EVAL_SUBJECTS,
     SCHEMES,
     Subject,
+    held_out_stream,
     random_subject,
     reference_histogram,
     render_subject,
@@ -243,6 +244,16 @@ def test_subject_sets():
     for subject in stream + [random_subject(rng) for _ in range(200)]:
         assert (subject.shape, frozenset(subject.colours)) not in eval_keys
     assert abs(reference_histogram(subjects[0]).sum() - 1) < 1e-9
+    # the held-out side: evaluation-like (never in training), not the fixed eight, every one once
+    held_out = list(held_out_stream(seed=0))
+    assert len(held_out) == len(set(held_out)) > 300
+    first_20 = lambda seed: list(itertools.islice(held_out_stream(seed=seed), 20))  # noqa: E731
+    assert held_out[:20] == first_20(0) != first_20(1)
+    fixed = {(s.shape, s.colours, s.scheme, s.emblem) for s in subjects}
+    for subject in held_out:
+        assert (subject.shape, frozenset(subject.colours)) in eval_keys
+        assert (subject.shape, subject.colours, subject.scheme, subject.emblem) not in fixed
+    assert not set(held_out) & set(stream)
 
 
 def test_subject_validation():

@@ -1,6 +1,7 @@
 """`pimg eval toysubject`: train a method on toy-world subjects and read the results by pixels.
 
-For each of the first N `EVAL_SUBJECTS`: write 4 of its photos (with sidecar captions naming their
+For each of the first N `EVAL_SUBJECTS` (or, with `subject_set="held-out"`, of N fresh subjects from
+`held_out_stream`, which no cross-subject training has seen): write 4 of its photos (with sidecar captions naming their
 background, so the background is not learned as part of the subject), train, load the result the way
 a user would (`LoraPart`, `EmbeddingPart`, or the DreamBooth folder as a base), then generate
 `images_per_background` images for every background the subject may appear on and score:
@@ -15,6 +16,7 @@ a user would (`LoraPart`, `EmbeddingPart`, or the DreamBooth folder as a base), 
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -36,7 +38,11 @@ class ToySubjectEvalConfig:
     Attributes:
         method: a registered method or one of its variants (`pimg.methods.evaluation_variants`).
         base: the toy base model (built-in `tiny` or a folder).
-        subjects: how many of `EVAL_SUBJECTS` to train on, in their fixed order.
+        subjects: how many subjects to evaluate.
+        subject_set: "eval": the first `subjects` of `EVAL_SUBJECTS`, in their fixed order;
+            "held-out": `subjects` fresh ones from `held_out_stream(subject_seed)`, to check that a
+            figure is not one of the fixed eight's.
+        subject_seed: seed of the held-out subjects.
         steps: training steps; None keeps the preset's.
         images_per_background: images generated per background and prompt.
         method_config: the method's YAML; None: its installed preset `<method>_tiny.yaml`.
@@ -63,6 +69,8 @@ class ToySubjectEvalConfig:
     method: str
     base: str = "tiny"
     subjects: int = 5
+    subject_set: str = "eval"
+    subject_seed: int = 0
     steps: int | None = None
     images_per_background: int = 4
     method_config: str | None = None
@@ -84,6 +92,8 @@ class ToySubjectEvalConfig:
             raise InputError(f"method {self.method!r} is not one of {', '.join(evaluation_variants())}.")
         if self.subjects < 1:
             raise InputError(f"subjects must be >= 1, got {self.subjects}.")
+        if self.subject_set not in ("eval", "held-out"):
+            raise InputError(f"subject_set must be 'eval' or 'held-out', got {self.subject_set!r}.")
         if self.images_per_background < 1:
             raise InputError(f"images_per_background must be >= 1, got {self.images_per_background}.")
         if self.finetune_steps < 0:
@@ -224,11 +234,16 @@ def evaluate_subjects(
     """
     from pimg.imaging import row_grid
     from pimg.inference.pipeline import PersonalizedPipeline
-    from pimg.toyworld.subjects import EVAL_SUBJECTS
+    from pimg.toyworld.subjects import EVAL_SUBJECTS, held_out_stream
 
-    subjects = list(EVAL_SUBJECTS.values())
+    if config.subject_set == "eval":
+        subjects = list(EVAL_SUBJECTS.values())
+    else:
+        subjects = list(itertools.islice(held_out_stream(config.subject_seed), config.subjects))
     if config.subjects > len(subjects):
-        raise InputError(f"subjects={config.subjects}, but there are {len(subjects)} evaluation subjects.")
+        raise InputError(
+            f"subjects={config.subjects}, but there are {len(subjects)} {config.subject_set} subjects."
+        )
     out = Path(config.out_dir or f"out/eval-toysubject-{config.method}")
     out.mkdir(parents=True, exist_ok=True)
     base_pipe = PersonalizedPipeline.from_base(config.base)

@@ -313,6 +313,8 @@ def cmd_eval_toysubject(args) -> None:
         method=args.method,
         base=args.base,
         subjects=args.subjects,
+        subject_set=args.subject_set,
+        subject_seed=args.subject_seed,
         steps=args.steps,
         images_per_background=args.images,
         guidance_scale=args.guidance,
@@ -607,8 +609,8 @@ def _add_id_adapter_arguments(g) -> None:
     g.add_argument(
         "--id-adapter",
         metavar="PATH",
-        help="IP-Adapter / IP-Adapter-FaceID file or folder (`pimg train id-adapter` output); 'default' or "
-        "left out with --id-image: the one shipped for the base (tiny)",
+        help="IP-Adapter / IP-Adapter-FaceID file or folder (`pimg train id-adapter` output), or a hub file "
+        "hf://OWNER/REPO/PATH; 'default' or left out with --id-image: the one shipped for the base (tiny)",
     )
     g.add_argument(
         "--id-image",
@@ -650,15 +652,16 @@ def _add_generation_arguments(g) -> None:
         action="append",
         type=_lora_arg,
         metavar="PATH[:SCALE]",
-        help="LoRA file or training result folder, e.g. out/sks:0.8 (repeatable; default scale 1)",
+        help="LoRA file, training result folder or hub file hf://OWNER/REPO/PATH, e.g. out/sks:0.8 "
+        "(repeatable; default scale 1)",
     )
     g.add_argument(
         "--embedding",
         action="append",
         type=_embedding_arg,
         metavar="PATH[:TOKEN]",
-        help="Textual Inversion file, optionally bound to another word, e.g. emb.safetensors:'<zwx>' "
-        "(repeatable; default: the file's own token)",
+        help="Textual Inversion file (or hub file hf://OWNER/REPO/PATH), optionally bound to another word, "
+        "e.g. emb.safetensors:'<zwx>' (repeatable; default: the file's own token)",
     )
     g.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     g.add_argument(
@@ -895,6 +898,16 @@ def build_parser() -> argparse.ArgumentParser:
     ets.add_argument("--method", required=True, choices=list(evaluation_variants()), help="method or variant")
     ets.add_argument("--base", default=None, help="default: tiny")
     ets.add_argument("--subjects", type=int, default=None, help="evaluation subjects to train on (default 5)")
+    ets.add_argument(
+        "--subject-set",
+        choices=("eval", "held-out"),
+        default=None,
+        help="the fixed evaluation subjects, or fresh held-out ones no cross-subject training saw "
+        "(default: eval)",
+    )
+    ets.add_argument(
+        "--subject-seed", type=int, default=None, help="seed of the held-out subjects (default 0)"
+    )
     ets.add_argument("--steps", type=int, default=None, help="training steps (default: the method preset's)")
     ets.add_argument("--images", type=int, default=None, help="images per background (default 4)")
     ets.add_argument(

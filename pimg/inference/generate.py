@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pimg.errors import InputError
+from pimg.hub_files import is_hub_file
 
 
 @dataclass
@@ -97,7 +98,7 @@ class GenerateRequest:
                     f"--{name} must be a positive multiple of 8, got {value}; try {max(8, value // 8 * 8)}."
                 )
         for path, _ in [*self.loras, *self.embeddings, *self.subjects]:
-            if not Path(path).exists():
+            if not is_hub_file(path) and not Path(path).exists():  # a hub file is checked as it is fetched
                 raise InputError(
                     f"{path} does not exist; check the path given to --lora / --embedding / --subject."
                 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from pimg.formats.ip_adapter import (
     find_ip_adapter_file,
     read_ip_adapter,
 )
+from pimg.hub_files import local_file
 from pimg.inference.parts import GenerationCall, Part
 from pimg.methods import ID_EMBEDDING_FILE
 
@@ -51,7 +53,8 @@ def default_adapter(base: str) -> Path | None:
 
 
 def resolve_adapter(adapter: str | Path | None, base: str) -> Path:
-    """The adapter file for `--id-adapter` (a file, a folder holding one, or None: the base's shipped one)."""
+    """The adapter file for `--id-adapter`: a file, a folder holding one, a hub file
+    (`hf://h94/IP-Adapter-FaceID/ip-adapter-faceid_sd15.bin`), or None: the base's shipped one."""
     if adapter is None or str(adapter) == "default":
         found = default_adapter(base)
         if found is None:
@@ -60,7 +63,8 @@ def resolve_adapter(adapter: str | Path | None, base: str) -> Path:
                 "safetensors, or a folder `pimg train id-adapter` wrote)."
             )
         adapter = found
-    return find_ip_adapter_file(adapter)
+    # a hub adapter of the CLIP kinds needs the image encoder its repository keeps beside it
+    return find_ip_adapter_file(local_file(adapter, beside=("image_encoder",)))
 
 
 def load_adapter_into(pipe, weights: dict, scale: float = 1.0) -> None:
@@ -125,8 +129,10 @@ class IdAdapterPart(Part):
             Plus its tokens, [T, D] or [N, T, D].
         scale: the image prompt's weight (`set_ip_adapter_scale`; 0 = no image prompt; a companion LoRA stays on).
         name: the part's name.
-        negative: the unconditional embedding under guidance (IP-Adapter Plus: the encoder's hidden
-            states of an all-zero image); None: zeros.
+        negative: the unconditional embedding under guidance. None: zeros, except for IP-Adapter Plus,
+            whose unconditional tokens are the hidden states of an all-zero image, as diffusers'
+            `encode_image` makes them: they are computed at the first guided call with the
+            `image_encoder/` beside the adapter (zeros, with a warning, when there is none).
     """
 
     kind = "id_adapter"
@@ -172,8 +178,23 @@ class IdAdapterPart(Part):
     def call_arguments(self, call: GenerationCall) -> dict[str, Any]:
         rows = len(call.prompts) // call.images_per_prompt  # diffusers repeats each row per image
         guided = call.guidance_scale > 1
-        embeds = image_embeds_argument(self.embedding, rows, guided, self.negative)
+        negative = self.unconditional_embedding() if guided else None
+        embeds = image_embeds_argument(self.embedding, rows, guided, negative)
         return {"ip_adapter_image_embeds": [embeds]}
+
+    def unconditional_embedding(self) -> torch.Tensor | None:
+        """`negative`, or for IP-Adapter Plus without one, its image encoder's tokens of an all-zero image."""
+        if self.negative is None and self.info.kind == "plus":
+            try:
+                self.negative = embedder_for(self.path).negative()
+            except ModelLoadError as exc:
+                warnings.warn(
+                    f"{exc} Unconditional image tokens are zeros instead of an all-zero image's, so "
+                    "guided images differ from diffusers' `ip_adapter_image` ones; pass negative=.",
+                    stacklevel=2,
+                )
+                self.negative = torch.zeros_like(self.embedding)
+        return self.negative
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -323,6 +344,6 @@ def part_from_request(request) -> IdAdapterPart:
                 )
     print(f"pimg: ID adapter {adapter} at scale {request.id_scale:g}")
     part = IdAdapterPart(adapter, embedding, scale=request.id_scale)
-    if part.info.kind == "plus":  # IP-Adapter Plus' unconditional tokens come from its image encoder
-        part.negative = (embedder or embedder_for(adapter)).negative()
+    if part.info.kind == "plus" and embedder is not None:  # its encoder is loaded: do not load it again
+        part.negative = embedder.negative()
     return part

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pimg.errors import InputError, ModelLoadError
+from pimg.hub_files import local_file
 
 #: `predict(sample, timestep, encoder_hidden_states, **unet_kwargs) -> noise prediction` (one tensor).
 NoisePrediction = Callable[..., torch.Tensor]
@@ -274,7 +275,7 @@ class LoraPart(Part):
                 )
             self.path, self.state_dict = None, dict(source)
         else:
-            self.path, self.state_dict = Path(source), None
+            self.path, self.state_dict = local_file(source), None
         super().__init__(name or _adapter_name(self.path))
         self.scale = float(scale)
         # peft adds each adapter as a submodule under its name, so a name torch modules already use
@@ -320,7 +321,7 @@ class EmbeddingPart(Part):
     def __init__(self, path: str | Path, token: str | None = None):
         from pimg.formats.embeddings import read_embedding_vectors
 
-        self.path = Path(path)
+        self.path = local_file(path)
         self.token, self.per_encoder = read_embedding_vectors(self.path, token=token)
         super().__init__(self.token)
 

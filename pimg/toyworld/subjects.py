@@ -6,7 +6,9 @@ generated object reproduces it with `subject_fidelity` against `reference_histog
 
 `EVAL_SUBJECTS` is the fixed evaluation set; `random_subject` and `subject_stream` (training data for
 methods that learn across subjects, such as hypernetworks) never produce a subject with the shape
-and colour set of an evaluation subject.
+and colour set of an evaluation subject. `held_out_stream` gives the other subjects of that held-out
+space (other colour orders, schemes and emblems): many fresh evaluation subjects that no
+cross-subject training has seen.
 """
 
 from __future__ import annotations
@@ -280,17 +282,25 @@ def _is_evaluation_like(shape: str, colours: tuple[str, ...]) -> bool:
 
 
 @cache
-def _training_subjects() -> tuple[Subject, ...]:
-    # Every subject random_subject may return, in a fixed order (about 13,000 of them).
+def _subject_space(evaluation_like: bool) -> tuple[Subject, ...]:
+    # Every subject of one side of the split, in a fixed order: the training side is what
+    # random_subject may return (about 13,000); the held-out side, less EVAL_SUBJECTS, about 500.
+    fixed = {(s.shape, s.colours, s.scheme, s.emblem) for s in EVAL_SUBJECTS.values()}
     subjects = []
     for shape, scheme, emblem in itertools.product(SHAPES, SCHEMES, EMBLEMS):
         allowed = [c for c in COLOR_NAMES if c not in EMBLEMS[emblem]]
         for colours in itertools.permutations(allowed, 3):
-            if not _is_evaluation_like(shape, colours):
+            if _is_evaluation_like(shape, colours) != evaluation_like:
+                continue
+            if (shape, colours, scheme, emblem) not in fixed:
                 subjects.append(
                     Subject(_subject_name(shape, colours, scheme, emblem), shape, colours, scheme, emblem)
                 )
     return tuple(subjects)
+
+
+def _training_subjects() -> tuple[Subject, ...]:
+    return _subject_space(evaluation_like=False)
 
 
 def random_subject(rng: np.random.Generator) -> Subject:
@@ -309,5 +319,20 @@ def subject_stream(seed: int) -> Iterator[Subject]:
         >>> first_100 = list(itertools.islice(subject_stream(seed=0), 100))
     """
     subjects = _training_subjects()
+    for index in np.random.default_rng(seed).permutation(len(subjects)):
+        yield subjects[index]
+
+
+def held_out_stream(seed: int) -> Iterator[Subject]:
+    """Every held-out subject except `EVAL_SUBJECTS` once, in a seeded random order.
+
+    These share an evaluation subject's shape and colour set, which training never produces, but
+    not its colour order, scheme or emblem: fresh subjects for evaluating a model trained across
+    subjects (a hypernetwork, an ID adapter) on subjects it cannot have seen, beyond the fixed eight.
+
+    Example:
+        >>> fresh = list(itertools.islice(held_out_stream(seed=0), 8))
+    """
+    subjects = _subject_space(evaluation_like=True)
     for index in np.random.default_rng(seed).permutation(len(subjects)):
         yield subjects[index]
