@@ -54,10 +54,8 @@ def local_file(name: str | Path, beside: tuple[str, ...] = ()) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, filename, revision = parse_hub_file(name)
-    parent = PurePosixPath(filename).parent
-    patterns = [filename] + [
-        f"{parent / folder}/*" if str(parent) != "." else f"{folder}/*" for folder in beside
-    ]
+    folder = PurePosixPath(filename).parent  # "." for a file at the top, and "." / "x" is "x"
+    patterns = [filename, *(f"{folder / extra}/*" for extra in beside)]
     try:
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:

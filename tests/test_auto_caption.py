@@ -49,3 +49,30 @@ def test_training_captions_only_the_photos_without_a_caption(tmp_path):
     for name, photo in zip(("photo_01.png", "photo_02.png"), photos[1:], strict=True):
         assert f"- `{name}`: a {{token}} {{class_noun}} on a {read_background(photo)} background" in card
     assert "photo_00.png" not in card  # its own caption stands
+
+
+def test_photos_without_captions_and_no_auto_caption_get_a_warning(tmp_path):
+    import warnings
+
+    import pytest
+
+    folder = save_photos(tmp_path / "photos", EVAL_SUBJECTS["ringed_star_rgb"].photos(2, seed=0))
+    settings = {
+        "base": "tiny",
+        "photos": str(folder),
+        "class_noun": "star",
+        "auto_caption": False,
+        "loop.steps": 1,
+        "sample_images": 0,
+        "sample_prompts": [],
+    }
+    config = load_train_config("lora", None, {**settings, "out_dir": str(tmp_path / "bare")})
+    with pytest.warns(UserWarning, match="2 of 2 photos have no caption.*--auto-caption"):
+        train("lora", config, progress=False)
+    for photo in folder.glob("*.png"):
+        photo.with_suffix(".txt").write_text("a {token} {class_noun} on a red background\n")
+    config = load_train_config("lora", None, {**settings, "out_dir": str(tmp_path / "captioned")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train("lora", config, progress=False)
+    assert not [w for w in caught if "no caption" in str(w.message)]

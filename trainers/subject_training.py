@@ -16,6 +16,7 @@ marks what it trains, and adds its loss terms and its save format; everything be
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,6 +210,14 @@ class SubjectTraining:
         self.auto_captions: dict[str, str] = {}
         if config.auto_caption:
             captions = self._caption_missing(captions, time_ids)
+        elif bare := sum(c is None for c in self.photos.captions):
+            warnings.warn(
+                f"{bare} of {len(self.photos)} photos have no caption, so all of them train on "
+                f"'{config.prompt_template}' and the token learns their backgrounds as well as the subject. "
+                "Pass --auto-caption (auto_caption: true) to have the base name each photo's setting, or "
+                "write a photo.txt caption beside each photo.",
+                stacklevel=2,
+            )
         self.instance_prompts = [self.prompt(c or config.prompt_template) for c in captions]
         self.instance_time_ids = torch.stack(time_ids) if self.sdxl else None
         self._text_cache: dict[str, Conditioning] = {}

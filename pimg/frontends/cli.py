@@ -188,10 +188,11 @@ def _add_common_train_arguments(parser, method) -> None:
     add(
         "--auto-caption",
         dest="cfg.auto_caption",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="caption photos without a .txt by their setting (e.g. 'on a beach'), chosen by the base "
-        "itself from caption_phrases, so the token learns the subject and not its background",
+        "itself from caption_phrases, so the token learns the subject and not its background "
+        "(default: the preset's; on for tiny)",
     )
     add(
         "--config",
