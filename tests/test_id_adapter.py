@@ -90,6 +90,13 @@ def test_faceid_file_is_described_and_its_safetensors_form_reads_the_same(faceid
     copy = save_ip_adapter(tmp_path / "ip_adapter.safetensors", weights)
     again = read_ip_adapter(copy)
     assert all(torch.equal(again[s][k], weights[s][k]) for s in weights for k in weights[s])
+    # FaceID Plus / PlusV2 hold FaceID's keys and a resampler of CLIP tokens: refused, not half-driven
+    plus = {
+        **weights,
+        "image_proj": {**weights["image_proj"], "perceiver_resampler.proj_in.weight": torch.zeros(2, 2)},
+    }
+    with pytest.raises(ModelLoadError, match="FaceID Plus / PlusV2"):
+        describe_ip_adapter(plus)
 
 
 def test_bad_embeddings_and_bases_are_refused(faceid_file, random_sdxl_dir):

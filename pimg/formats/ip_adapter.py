@@ -112,6 +112,13 @@ def find_ip_adapter_file(path: str | Path) -> Path:
 def describe_ip_adapter(weights: dict[str, dict[str, torch.Tensor]]) -> IpAdapterInfo:
     """Kind, sizes and layers of an IP-Adapter state dict (see `IpAdapterInfo`)."""
     proj, layers = weights["image_proj"], weights["ip_adapter"]
+    if any(key.startswith("perceiver_resampler.") for key in proj):
+        # FaceID's keys plus a resampler: pimg would drive it as plain FaceID, without its CLIP tokens
+        raise ModelLoadError(
+            "this is an IP-Adapter-FaceID Plus / PlusV2 file: it takes a face embedding and the CLIP image "
+            "tokens of the aligned face, and pimg drives neither kind yet. Use ip-adapter-faceid_sd15.bin "
+            "(or the SDXL one), or diffusers' load_ip_adapter with `clip_embeds` set as its IP-Adapter guide shows."
+        )
     if "proj.weight" in proj:
         embed_dim = proj["proj.weight"].shape[1]
         cross = proj["norm.weight"].shape[0]
