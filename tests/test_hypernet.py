@@ -386,6 +386,7 @@ def test_cli_predict_writes_a_lora_folder_and_prints_its_time(
 def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
     random_tiny_dir, strong_hypernet, tmp_path
 ):
+    from pimg.toyworld.subjects import held_out_stream
     from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, evaluate_subjects
 
     report = evaluate_subjects(
@@ -398,11 +399,16 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
             model=str(strong_hypernet),
             hm_cfg=1.0,
             guidance_scale=2.0,
+            subject_set="held-out",
+            subject_seed=3,
             out_dir=str(tmp_path / "eval"),
         ),
         progress=False,
     )
     row = report["subjects"][0]
+    assert row["subject"] == next(held_out_stream(3)).name  # a fresh subject, not EVAL_SUBJECTS' first
+    with pytest.raises(InputError, match="subject_set must be 'eval' or 'held-out'"):
+        ToySubjectEvalConfig(method="hypernet", subject_set="fresh")
     assert row["predict_seconds"] > 0 and "predict_seconds" in report["mean"]
     assert (
         json.loads((tmp_path / "eval" / row["subject"] / "result" / "config.json").read_text())["token"]
