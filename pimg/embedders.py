@@ -198,6 +198,8 @@ class FaceEmbedder:
         self.backend = backend
         #: per embedded photo, what was found: {"faces": n, "used": box}
         self.reports: list[dict] = []
+        #: per embedded photo, the used face aligned to 224x224 (`pimg.faces.Face.aligned`)
+        self.aligned: list[np.ndarray | None] = []
 
     @property
     def dim(self) -> int:
@@ -205,7 +207,7 @@ class FaceEmbedder:
 
     def embed(self, images: Sequence, names: Sequence[str] | None = None) -> torch.Tensor:
         """Photos -> [N, dim]; an InputError naming the photo when one shows no face."""
-        rows, self.reports = [], []
+        rows, self.reports, self.aligned = [], [], []
         for index, image in enumerate(pil_images(images)):
             name = names[index] if names else f"photo {index + 1}"
             faces = self.backend.detect(image)
@@ -225,4 +227,49 @@ class FaceEmbedder:
                     box,
                 )
             rows.append(np.asarray(used.embedding, np.float32))
+            self.aligned.append(used.aligned)
         return torch.from_numpy(np.stack(rows))
+
+
+class FacePlusEmbedder:
+    """IP-Adapter-FaceID Plus' two inputs: the largest face's identity embedding, and the CLIP tokens
+    (penultimate hidden states) of that face aligned on its landmarks, as its training computed them.
+
+    Args:
+        faces: the face embedder (insightface ArcFace for h94's checkpoints).
+        clip: the CLIP image encoder, with `tokens=True` (ViT-H for h94's checkpoints).
+    """
+
+    kind = "face-plus"
+
+    def __init__(self, faces: FaceEmbedder, clip: ClipImageEmbedder):
+        if not clip.tokens:
+            raise InputError("FaceID Plus reads the CLIP encoder's hidden states: build it with tokens=True.")
+        self.faces, self.clip = faces, clip
+
+    @property
+    def dim(self) -> int:
+        return self.faces.dim
+
+    @property
+    def reports(self) -> list[dict]:
+        return self.faces.reports
+
+    def embed(self, images: Sequence, names: Sequence[str] | None = None) -> torch.Tensor:
+        """Photos -> the face embeddings [N, dim] (`embed_with_face_tokens` gives the tokens too)."""
+        return self.embed_with_face_tokens(images, names)[0]
+
+    def embed_with_face_tokens(
+        self, images: Sequence, names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Photos -> (face embeddings [N, dim], the aligned faces' CLIP tokens [N, T, hidden])."""
+        identities = self.faces.embed(images, names)
+        if any(crop is None for crop in self.faces.aligned):
+            raise InputError(
+                "this face backend gives no aligned faces; FaceID Plus needs them (use insightface)."
+            )
+        return identities, self.clip.embed(self.faces.aligned)
+
+    def negative(self) -> torch.Tensor:
+        """The unconditional face tokens: the CLIP hidden states of an all-zero image."""
+        return self.clip.negative()

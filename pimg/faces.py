@@ -36,6 +36,16 @@ def load_image(image: ImageLike):
 
 DEFAULT_INSIGHTFACE_PACK = "buffalo_l"
 
+#: Side of `Face.aligned`, the face crop IP-Adapter-FaceID Plus was trained on.
+ALIGNED_SIZE = 224
+
+
+def aligned_face(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The face at 5 landmarks (eyes, nose, mouth corners) warped onto insightface's ArcFace template."""
+    from insightface.utils import face_align
+
+    return face_align.norm_crop(rgb, landmark=np.asarray(landmarks, np.float32), image_size=ALIGNED_SIZE)
+
 
 @dataclass(frozen=True)
 class Face:
@@ -45,11 +55,15 @@ class Face:
         box: (left, top, right, bottom) in the input image's pixels.
         score: detector confidence (dlib: the HOG detector's margin; insightface: probability).
         embedding: the recognizer's feature vector (float32).
+        aligned: the face warped upright on its 5 landmarks to a 224x224 RGB crop, the input that
+            IP-Adapter-FaceID Plus' CLIP image encoder was trained on (insightface: `norm_crop`, the
+            ArcFace template; dlib: its own face chip).
     """
 
     box: tuple[float, float, float, float]
     score: float
     embedding: np.ndarray
+    aligned: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -131,6 +145,8 @@ class DlibFaceBackend(_FaceBackend):
 
     def detect(self, image: ImageLike) -> list[Face]:
         """Faces in `image`, largest first, each aligned on 5 landmarks and embedded."""
+        import dlib
+
         image = load_image(image)
         scale = 1.0
         if max(image.size) > self.max_side:
@@ -146,7 +162,8 @@ class DlibFaceBackend(_FaceBackend):
             shape = self.landmarks(pixels, box)
             embedding = np.asarray(self.recognizer.compute_face_descriptor(pixels, shape), np.float32)
             corners = (box.left() / scale, box.top() / scale, box.right() / scale, box.bottom() / scale)
-            faces.append(Face(corners, float(score), embedding))
+            aligned = np.asarray(dlib.get_face_chip(pixels, shape, size=ALIGNED_SIZE))
+            faces.append(Face(corners, float(score), embedding, aligned))
         return sorted(faces, key=lambda f: -f.area)
 
 
@@ -217,14 +234,15 @@ class InsightFaceBackend(_FaceBackend):
         self.description = {"backend": "insightface", "model": str(model), "det_size": det_size}
 
     def detect(self, image: ImageLike) -> list[Face]:
-        bgr = np.ascontiguousarray(np.asarray(load_image(image))[:, :, ::-1])
+        rgb = np.ascontiguousarray(np.asarray(load_image(image)))
         faces = [
             Face(
                 tuple(float(v) for v in f.bbox),
                 float(f.det_score),
                 np.asarray(f.normed_embedding, np.float32),
+                aligned_face(rgb, f.kps),
             )
-            for f in self.app.get(bgr)
+            for f in self.app.get(np.ascontiguousarray(rgb[:, :, ::-1]))
         ]
         return sorted(faces, key=lambda f: -f.area)
 
@@ -258,9 +276,12 @@ class ScrfdDetector(_FaceBackend):
         self.description = {"backend": "scrfd", "model": str(path), "det_size": det_size}
 
     def detect(self, image: ImageLike) -> list[Face]:
-        bgr = np.ascontiguousarray(np.asarray(load_image(image))[:, :, ::-1])
-        boxes, _ = self.model.detect(bgr)
-        faces = [Face(tuple(float(v) for v in b[:4]), float(b[4]), np.zeros(0, np.float32)) for b in boxes]
+        rgb = np.ascontiguousarray(np.asarray(load_image(image)))
+        boxes, landmarks = self.model.detect(np.ascontiguousarray(rgb[:, :, ::-1]))
+        faces = [
+            Face(tuple(float(v) for v in b[:4]), float(b[4]), np.zeros(0, np.float32), aligned_face(rgb, kps))
+            for b, kps in zip(boxes, landmarks, strict=True)
+        ]
         return sorted(faces, key=lambda f: -f.area)
 
 

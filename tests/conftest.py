@@ -177,6 +177,57 @@ def random_faceid_weights(unet, seed: int = 0, lora_rank: int = 4, embed_dim: in
     return {"image_proj": image_proj, "ip_adapter": layers}
 
 
+def random_faceid_plus_weights(unet, face_token_dim: int, seed: int = 0, embed_dim: int = 512) -> dict:
+    """Random weights in the exact key layout of h94's ip-adapter-faceid-plus(v2)_sd15.bin, sized for
+    `unet`: FaceID's MLP and LoRA, and `perceiver_resampler.*` over CLIP tokens of `face_token_dim`.
+
+    Made as diffusers' own module (random), renamed by the inverse of diffusers' conversion; the
+    tests check that diffusers' conversion gives the module back."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    module = IPAdapterFaceIDPlusImageProjection(
+        embed_dims=cross,
+        output_dims=cross,
+        hidden_dims=face_token_dim,
+        id_embeddings_dim=embed_dim,
+        heads=cross // 64,
+    )
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    public = {}
+    state = module.state_dict()
+    for key, value in state.items():
+        if key.startswith("proj.net."):  # proj.net.0.proj -> proj.0, proj.net.2 -> proj.2
+            public[key.replace("proj.net.0.proj", "proj.0").replace("proj.net.2", "proj.2")] = value
+        elif key.startswith("norm."):
+            public[key] = value
+        elif not key.startswith("layers."):
+            public[f"perceiver_resampler.{key}"] = value
+        else:
+            _, depth, rest = key.split(".", 2)
+            name = {
+                "ln0.weight": "0.norm1.weight",
+                "ln0.bias": "0.norm1.bias",
+                "ln1.weight": "0.norm2.weight",
+                "ln1.bias": "0.norm2.bias",
+                "attn.to_q.weight": "0.to_q.weight",
+                "attn.to_out.0.weight": "0.to_out.weight",
+                "ff.0.weight": "1.0.weight",
+                "ff.0.bias": "1.0.bias",
+                "ff.1.net.0.proj.weight": "1.1.weight",
+                "ff.1.net.2.weight": "1.3.weight",
+            }.get(rest)
+            if rest == "attn.to_k.weight":
+                name, value = "0.to_kv.weight", torch.cat([value, state[f"layers.{depth}.attn.to_v.weight"]])
+            if name is not None:
+                public[f"perceiver_resampler.layers.{depth}.{name}"] = value
+    weights = random_faceid_weights(unet, seed=seed)
+    return {"image_proj": public, "ip_adapter": weights["ip_adapter"], "module": module}
+
+
 @pytest.fixture(scope="session")
 def faceid_file(random_tiny_dir, tmp_path_factory) -> Path:
     """A random IP-Adapter-FaceID checkpoint (.bin, the public key layout, with its LoRA) for the random tiny."""

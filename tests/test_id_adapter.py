@@ -90,13 +90,76 @@ def test_faceid_file_is_described_and_its_safetensors_form_reads_the_same(faceid
     copy = save_ip_adapter(tmp_path / "ip_adapter.safetensors", weights)
     again = read_ip_adapter(copy)
     assert all(torch.equal(again[s][k], weights[s][k]) for s in weights for k in weights[s])
-    # FaceID Plus / PlusV2 hold FaceID's keys and a resampler of CLIP tokens: refused, not half-driven
-    plus = {
-        **weights,
-        "image_proj": {**weights["image_proj"], "perceiver_resampler.proj_in.weight": torch.zeros(2, 2)},
-    }
-    with pytest.raises(ModelLoadError, match="FaceID Plus / PlusV2"):
-        describe_ip_adapter(plus)
+
+
+@pytest.fixture(scope="module")
+def faceid_plus(random_tiny_dir, tmp_path_factory):
+    """A random IP-Adapter-FaceID PlusV2 checkpoint in the public key layout (named as h94 names it),
+    with the random tiny's CLIP vision tower beside it as image_encoder/; and diffusers' own module."""
+    from conftest import random_faceid_plus_weights
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("faceid_plus")
+    encoder = CLIPVisionModelWithProjection.from_pretrained(random_tiny_dir / "clip")
+    encoder.save_pretrained(folder / "image_encoder")
+    weights = random_faceid_plus_weights(load_base(str(random_tiny_dir)).unet, encoder.config.hidden_size)
+    module = weights.pop("module")
+    torch.save(weights, folder / "ip-adapter-faceid-plusv2_sd15.bin")
+    return folder / "ip-adapter-faceid-plusv2_sd15.bin", module
+
+
+def test_faceid_plus_file_is_read_as_diffusers_reads_it(random_tiny_dir, faceid_plus):
+    path, module = faceid_plus
+    weights = read_ip_adapter(path)
+    info = describe_ip_adapter(weights)
+    assert (info.kind, info.embed_dim, info.num_tokens, info.face_token_dim, info.has_lora) == (
+        "faceid-plus",
+        512,
+        4,
+        128,
+        True,
+    )
+    # the fixture's layout is the public one: diffusers' conversion gives back the module it came from
+    converted = load_base(str(random_tiny_dir)).unet._convert_ip_adapter_image_proj_to_diffusers(
+        weights["image_proj"], low_cpu_mem_usage=False
+    )
+    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in module.state_dict().items())
+    with pytest.raises(InputError, match=r"aligned face's CLIP tokens \[T, 128\]"):
+        IdAdapterPart(path, torch.zeros(512))  # a face embedding alone is not enough
+    assert IdAdapterPart(path, torch.zeros(512), face_tokens=torch.zeros(5, 128)).shortcut  # named plusv2
+
+
+def test_faceid_plus_gives_the_images_of_plain_diffusers(random_tiny_dir, faceid_plus):
+    from PIL import Image
+
+    from pimg.embedders import ClipImageEmbedder
+
+    path, _ = faceid_plus
+    face = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)  # an aligned face crop
+    identity = torch.randn(512, generator=torch.Generator().manual_seed(2))
+    tokens = ClipImageEmbedder(path.parent / "image_encoder", tokens=True).embed([face])
+    pp = PersonalizedPipeline.from_base(str(random_tiny_dir))
+    before = _pimg(pp)
+    # the unconditional tokens come from the image_encoder/ beside the file, as diffusers makes them
+    pp.add(IdAdapterPart(path, identity, scale=0.7, face_tokens=tokens))
+    ours = _pimg(pp)
+    pp.remove("id_adapter")
+    pp.add(IdAdapterPart(path, identity, scale=0.7, face_tokens=tokens, shortcut=False))
+    without_shortcut = _pimg(pp)
+
+    plain = load_base(str(random_tiny_dir))  # as diffusers' IP-Adapter guide drives FaceID PlusV2
+    plain.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name)
+    plain.set_ip_adapter_scale(0.7)
+    projection = plain.unet.encoder_hid_proj.image_projection_layers[0]
+    projection.clip_embeds = plain.prepare_ip_adapter_image_embeds(
+        [Image.fromarray(face)], None, "cpu", 1, True
+    )[0]
+    projection.shortcut = True
+    embeds = torch.cat([torch.zeros(1, 1, 512), identity.reshape(1, 1, 512)])
+    theirs = _plain(plain, ip_adapter_image_embeds=[embeds])
+
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - before).max() > 10 and np.abs(ours - without_shortcut).max() > 0
 
 
 def test_bad_embeddings_and_bases_are_refused(faceid_file, random_sdxl_dir):
@@ -317,9 +380,51 @@ def test_face_embedder_says_couple_shows_two_faces_and_which_it_used(shared_dir,
     assert embedding.shape == (1, 128)
     (report,) = embedder.reports
     assert report["faces"] == 2 and len(report["used_box"]) == 4
+    assert embedder.aligned[0].shape == (224, 224, 3)  # the used face's chip, for FaceID Plus
     assert "shows 2 faces; using the largest" in caplog.text
     with pytest.raises(InputError, match="no face found in toy.png"):
         embedder.embed([next(iter(EVAL_SUBJECTS.values())).photos(1)[0]], ["toy.png"])
+
+
+@pytest.mark.shared
+def test_generate_drives_faceid_plus_from_a_photo_and_says_which_face(
+    shared_dir, random_tiny_dir, tmp_path, capsys
+):
+    pytest.importorskip("dlib", reason="dlib is not installed: pip install 'pimg[face-dlib]'")
+    from conftest import random_faceid_plus_weights
+    from transformers import CLIPVisionModelWithProjection
+
+    from pimg.frontends.cli import main
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(random_tiny_dir / "clip")
+    encoder.save_pretrained(tmp_path / "clip_vision")
+    weights = random_faceid_plus_weights(
+        load_base(str(random_tiny_dir)).unet,
+        encoder.config.hidden_size,
+        embed_dim=128,  # dlib's size
+    )
+    weights.pop("module")
+    adapter = tmp_path / "adapter" / "ip-adapter-faceid-plus_sd15.bin"  # no image_encoder/ beside it
+    adapter.parent.mkdir()
+    torch.save(weights, adapter)
+    argv = [
+        "generate",
+        "--base",
+        str(random_tiny_dir),
+        "--prompt",
+        "a person",
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+    ]
+    argv += ["--id-adapter", str(adapter), "--id-image", str(shared_dir / "faces" / "multi" / "couple.jpg")]
+    argv += ["--face-backend", "dlib", "--out", str(tmp_path / "out")]
+    assert main(argv) != 0
+    assert "--id-image-encoder" in capsys.readouterr().err
+    assert main([*argv, "--id-image-encoder", str(tmp_path / "clip_vision")]) == 0
+    assert "couple.jpg shows 2 faces; used the largest" in capsys.readouterr().out
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 @pytest.mark.shared
@@ -334,6 +439,12 @@ def test_scrfd_detector_finds_every_face_in_shared_photos(shared_dir):
     assert min(counts) >= 1, dict(zip([p.name for p in singles], counts, strict=True))
     couple = detector.detect(faces / "multi" / "couple.jpg")
     assert len(couple) == 2 and couple[0].area >= couple[1].area
+    # each face warped upright on its landmarks, FaceID Plus' CLIP input: still a face, filling the crop
+    at_crop_size = ScrfdDetector(faces / "models" / "det_500m.onnx", det_size=224)
+    for face in couple:
+        assert face.aligned.shape == (224, 224, 3) and face.aligned.dtype == np.uint8
+        (again,) = at_crop_size.detect(face.aligned)
+        assert again.area > 0.2 * 224 * 224
 
 
 def test_sdxl_faceid_layout_gives_the_images_of_plain_diffusers(random_sdxl_dir, tmp_path):

@@ -54,14 +54,17 @@ class IpAdapterInfo:
 
     Attributes:
         kind: "clip" (IP-Adapter's projection of a CLIP image embedding), "plus" (IP-Adapter Plus'
-            resampler over the CLIP encoder's penultimate hidden states) or "faceid" (FaceID's MLP
-            projection of a face-identity embedding).
+            resampler over the CLIP encoder's penultimate hidden states), "faceid" (FaceID's MLP
+            projection of a face-identity embedding) or "faceid-plus" (FaceID Plus / PlusV2: that
+            projection, refined by a resampler over the CLIP hidden states of the aligned face).
         embed_dim: the embedding size it takes (CLIP projection dim; the CLIP hidden size for plus;
             512 for ArcFace).
         cross_attention_dim: the UNet cross-attention width it was made for (SD 1.5: 768, SDXL: 2048).
         num_tokens: image tokens it adds to each cross-attention layer.
         num_layers: cross-attention layers it has keys and values for.
         has_lora: it holds FaceID's companion LoRA.
+        face_token_dim: for faceid-plus, the CLIP hidden size of the face tokens it takes beside the
+            face embedding (ViT-H: 1280); 0 for the other kinds.
     """
 
     kind: str
@@ -70,6 +73,7 @@ class IpAdapterInfo:
     num_tokens: int
     num_layers: int
     has_lora: bool
+    face_token_dim: int = 0
 
 
 def read_ip_adapter(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -112,14 +116,13 @@ def find_ip_adapter_file(path: str | Path) -> Path:
 def describe_ip_adapter(weights: dict[str, dict[str, torch.Tensor]]) -> IpAdapterInfo:
     """Kind, sizes and layers of an IP-Adapter state dict (see `IpAdapterInfo`)."""
     proj, layers = weights["image_proj"], weights["ip_adapter"]
-    if any(key.startswith("perceiver_resampler.") for key in proj):
-        # FaceID's keys plus a resampler: pimg would drive it as plain FaceID, without its CLIP tokens
-        raise ModelLoadError(
-            "this is an IP-Adapter-FaceID Plus / PlusV2 file: it takes a face embedding and the CLIP image "
-            "tokens of the aligned face, and pimg drives neither kind yet. Use ip-adapter-faceid_sd15.bin "
-            "(or the SDXL one), or diffusers' load_ip_adapter with `clip_embeds` set as its IP-Adapter guide shows."
-        )
-    if "proj.weight" in proj:
+    face_token_dim = 0
+    if "perceiver_resampler.proj_in.weight" in proj:  # FaceID's MLP keys, and a resampler beside them
+        embed_dim = proj["proj.0.weight"].shape[1]
+        cross = proj["perceiver_resampler.proj_out.weight"].shape[0]
+        kind, tokens = "faceid-plus", proj["proj.2.weight"].shape[0] // proj["norm.weight"].shape[0]
+        face_token_dim = proj["perceiver_resampler.proj_in.weight"].shape[1]
+    elif "proj.weight" in proj:
         embed_dim = proj["proj.weight"].shape[1]
         cross = proj["norm.weight"].shape[0]
         kind, tokens = "clip", proj["proj.weight"].shape[0] // cross
@@ -139,7 +142,9 @@ def describe_ip_adapter(weights: dict[str, dict[str, torch.Tensor]]) -> IpAdapte
         )
     num_layers = sum(1 for key in layers if key.endswith(".to_k_ip.weight"))
     has_lora = any(key.endswith("_lora.down.weight") for key in layers)
-    return IpAdapterInfo(kind, int(embed_dim), int(cross), int(tokens), num_layers, has_lora)
+    return IpAdapterInfo(
+        kind, int(embed_dim), int(cross), int(tokens), num_layers, has_lora, int(face_token_dim)
+    )
 
 
 def cross_attention_layers(unet) -> list[str]:
@@ -174,12 +179,31 @@ def check_embedding(info: IpAdapterInfo, embedding: torch.Tensor, source: str = 
     if embedding.shape[-1] != info.embed_dim:
         takes = (
             "a 512-d ArcFace face embedding (insightface buffalo_l)"
-            if info.kind == "faceid"
+            if info.kind.startswith("faceid")
             else (f"a {info.embed_dim}-d CLIP image embedding")
         )
         raise InputError(
             f"the embedding has {embedding.shape[-1]} numbers, but {source} takes {takes}. Make the embedding "
             "with the embedder the adapter was trained with."
+        )
+
+
+def check_face_tokens(
+    info: IpAdapterInfo, tokens: torch.Tensor | None, source: str = "the IP-Adapter"
+) -> None:
+    """Refuse FaceID Plus without its face tokens, or with tokens of another CLIP width; others without any."""
+    if info.kind != "faceid-plus":
+        if tokens is not None:
+            raise InputError(
+                f"{source} ({info.kind}) takes no face tokens; they are for FaceID Plus adapters."
+            )
+        return
+    if tokens is None or tokens.ndim != 2 or tokens.shape[-1] != info.face_token_dim:
+        got = "none" if tokens is None else f"shape {tuple(tokens.shape)}"
+        raise InputError(
+            f"{source} is FaceID Plus: beside the face embedding it takes the aligned face's CLIP tokens "
+            f"[T, {info.face_token_dim}] (the image encoder's penultimate hidden states), got {got}. Give it "
+            "the photo (`--id-image`), with the CLIP image encoder it was trained with (ViT-H for h94's)."
         )
 
 

@@ -53,6 +53,7 @@ def cmd_generate(args) -> None:
         id_embedding=getattr(args, "id_embedding", None),
         id_scale=getattr(args, "id_scale", 1.0),
         face_backend=getattr(args, "face_backend", None),
+        id_image_encoder=getattr(args, "id_image_encoder", None),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
@@ -629,6 +630,12 @@ def _add_id_adapter_arguments(g) -> None:
         type=float,
         default=1.0,
         help="weight of the image prompt, 0 to 1 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--id-image-encoder",
+        metavar="FOLDER",
+        help="CLIP vision model of an adapter with no image_encoder/ beside it (FaceID Plus / PlusV2: "
+        "h94/IP-Adapter's models/image_encoder, ViT-H)",
     )
     g.add_argument(
         "--face-backend",

@@ -35,6 +35,8 @@ class GenerateRequest:
         id_embedding: a ready embedding file instead of `id_images`.
         id_scale: the ID adapter's weight.
         face_backend: a FaceID adapter's face embedder (None: the one it records, else insightface).
+        id_image_encoder: the CLIP vision model (folder) of an IP-Adapter, Plus or FaceID Plus adapter
+            that has no `image_encoder/` beside it.
         device: "auto" picks CUDA with half precision when present, else CPU fp32.
         hm_cfg: sample the `loras` with Hybrid-Model CFG at this subject scale (the base's scale is
             the guidance; `pimg.inference.hybrid_guidance`); None: they apply to every row, plain CFG.
@@ -55,6 +57,7 @@ class GenerateRequest:
     id_embedding: str | None = None
     id_scale: float = 1.0
     face_backend: str | None = None
+    id_image_encoder: str | None = None
     num_inference_steps: int = 25
     guidance_scale: float | None = None
     scheduler: str | None = None

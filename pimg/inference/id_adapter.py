@@ -31,6 +31,7 @@ from pimg.formats.ip_adapter import (
     COMPANION_LORA,
     IpAdapterInfo,
     check_embedding,
+    check_face_tokens,
     check_ip_adapter,
     describe_ip_adapter,
     find_ip_adapter_file,
@@ -133,6 +134,12 @@ class IdAdapterPart(Part):
             whose unconditional tokens are the hidden states of an all-zero image, as diffusers'
             `encode_image` makes them: they are computed at the first guided call with the
             `image_encoder/` beside the adapter (zeros, with a warning, when there is none).
+        face_tokens: FaceID Plus only, and needed there: the CLIP tokens of the aligned face, [T, H]
+            or [N, T, H] (`pimg.embedders.FacePlusEmbedder.embed_with_face_tokens`).
+        face_tokens_negative: their unconditional form; None: as `negative` is found for Plus.
+        shortcut: FaceID PlusV2 adds the face embedding's own tokens to the resampler's (diffusers'
+            `shortcut`); None: on when the file's name says plusv2, as h94 names it.
+        shortcut_scale: the weight of the resampler's tokens beside them (PlusV2's "s_scale").
     """
 
     kind = "id_adapter"
@@ -144,6 +151,10 @@ class IdAdapterPart(Part):
         scale: float = 1.0,
         name: str = "id_adapter",
         negative: torch.Tensor | None = None,
+        face_tokens: torch.Tensor | None = None,
+        face_tokens_negative: torch.Tensor | None = None,
+        shortcut: bool | None = None,
+        shortcut_scale: float = 1.0,
     ):
         super().__init__(name)
         self.path = find_ip_adapter_file(adapter)
@@ -156,6 +167,14 @@ class IdAdapterPart(Part):
         self.embedding = embedding
         self.negative = negative
         self.scale = float(scale)
+        if face_tokens is not None:
+            face_tokens = torch.as_tensor(face_tokens, dtype=torch.float32)
+            face_tokens = face_tokens.mean(0) if face_tokens.ndim == 3 else face_tokens
+        check_face_tokens(self.info, face_tokens, str(self.path))
+        self.face_tokens, self.face_tokens_negative = face_tokens, face_tokens_negative
+        self.shortcut = "plusv2" in self.path.name.lower() if shortcut is None else bool(shortcut)
+        self.shortcut_scale = float(shortcut_scale)
+        self._face_projection = None
 
     def attach(self, pipe) -> None:
         if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
@@ -166,6 +185,10 @@ class IdAdapterPart(Part):
         check_ip_adapter(self.info, pipe.unet, str(self.path))
         load_adapter_into(pipe, self.weights, self.scale)
         project_once_per_call(pipe.unet.encoder_hid_proj)
+        if self.info.kind == "faceid-plus":  # diffusers reads the face tokens from the projection itself
+            self._face_projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+            self._face_projection.shortcut = self.shortcut
+            self._face_projection.shortcut_scale = self.shortcut_scale
 
     def detach(self, pipe) -> None:
         pipe.unload_ip_adapter()
@@ -178,23 +201,31 @@ class IdAdapterPart(Part):
     def call_arguments(self, call: GenerationCall) -> dict[str, Any]:
         rows = len(call.prompts) // call.images_per_prompt  # diffusers repeats each row per image
         guided = call.guidance_scale > 1
-        negative = self.unconditional_embedding() if guided else None
-        embeds = image_embeds_argument(self.embedding, rows, guided, negative)
+        if self.info.kind == "plus" and guided and self.negative is None:
+            self.negative = self._encoder_negative(self.embedding, "negative")
+        embeds = image_embeds_argument(self.embedding, rows, guided, self.negative)
+        if self._face_projection is not None:
+            if guided and self.face_tokens_negative is None:
+                self.face_tokens_negative = self._encoder_negative(self.face_tokens, "face_tokens_negative")
+            # one row per image, already repeated: diffusers repeats only ip_adapter_image_embeds
+            tokens = image_embeds_argument(
+                self.face_tokens, len(call.prompts), guided, self.face_tokens_negative
+            )
+            weight = self._face_projection.proj_in.weight
+            self._face_projection.clip_embeds = tokens.to(weight.device, weight.dtype)
         return {"ip_adapter_image_embeds": [embeds]}
 
-    def unconditional_embedding(self) -> torch.Tensor | None:
-        """`negative`, or for IP-Adapter Plus without one, its image encoder's tokens of an all-zero image."""
-        if self.negative is None and self.info.kind == "plus":
-            try:
-                self.negative = embedder_for(self.path).negative()
-            except ModelLoadError as exc:
-                warnings.warn(
-                    f"{exc} Unconditional image tokens are zeros instead of an all-zero image's, so "
-                    "guided images differ from diffusers' `ip_adapter_image` ones; pass negative=.",
-                    stacklevel=2,
-                )
-                self.negative = torch.zeros_like(self.embedding)
-        return self.negative
+    def _encoder_negative(self, like: torch.Tensor, argument: str) -> torch.Tensor:
+        """The image encoder's tokens of an all-zero image (diffusers' unconditional image prompt)."""
+        try:
+            return clip_embedder_for(self.path).negative()
+        except ModelLoadError as exc:
+            warnings.warn(
+                f"{exc} Unconditional image tokens are zeros instead of an all-zero image's, so "
+                f"guided images differ from diffusers' `ip_adapter_image` ones; pass {argument}=.",
+                stacklevel=3,
+            )
+            return torch.zeros_like(like)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -206,30 +237,55 @@ class IdAdapterPart(Part):
         }
 
 
-def embedder_for(adapter_file: Path, face_backend: str | None = None, face_model: str | None = None):
-    """The embedder an adapter takes: its `image_encoder/` (CLIP kind), or a face backend (FaceID)."""
-    from pimg.embedders import ClipImageEmbedder, FaceEmbedder
+def embedder_for(
+    adapter_file: Path,
+    face_backend: str | None = None,
+    face_model: str | None = None,
+    image_encoder: str | Path | None = None,
+):
+    """The embedder an adapter takes: a face backend (FaceID), a CLIP image encoder (IP-Adapter, Plus:
+    `image_encoder`, else the `image_encoder/` beside the adapter), or both (FaceID Plus)."""
+    from pimg.embedders import FaceEmbedder, FacePlusEmbedder
     from pimg.formats.safetensors_io import read_safetensors_metadata
 
     info = describe_ip_adapter(read_ip_adapter(adapter_file))
-    metadata = read_safetensors_metadata(adapter_file) if adapter_file.suffix == ".safetensors" else {}
-    if info.kind == "faceid":
-        from pimg.faces import face_backend as make_backend
+    if not info.kind.startswith("faceid"):
+        return clip_embedder_for(adapter_file, image_encoder)
+    from pimg.faces import face_backend as make_backend
 
-        recorded = metadata.get("pimg.embedder", "")
-        backend = face_backend or (
-            recorded.removeprefix("face:") if recorded.startswith("face:") else "insightface"
-        )
-        return FaceEmbedder(make_backend(backend, face_model))
-    encoder = adapter_file.parent / "image_encoder"
+    metadata = read_safetensors_metadata(adapter_file) if adapter_file.suffix == ".safetensors" else {}
+    recorded = metadata.get("pimg.embedder", "")
+    backend = face_backend or (
+        recorded.removeprefix("face:") if recorded.startswith("face:") else "insightface"
+    )
+    faces = FaceEmbedder(make_backend(backend, face_model))
+    if info.kind == "faceid":
+        return faces
+    return FacePlusEmbedder(faces, clip_embedder_for(adapter_file, image_encoder))
+
+
+def clip_embedder_for(adapter_file: Path, image_encoder: str | Path | None = None):
+    """The CLIP image encoder of an IP-Adapter, Plus or FaceID Plus adapter, giving what it reads."""
+    from pimg.embedders import ClipImageEmbedder
+    from pimg.formats.safetensors_io import read_safetensors_metadata
+
+    info = describe_ip_adapter(read_ip_adapter(adapter_file))
+    encoder = Path(image_encoder) if image_encoder else adapter_file.parent / "image_encoder"
     if not (encoder / "config.json").is_file():
-        raise ModelLoadError(
-            f"{adapter_file} takes CLIP image embeddings, but no image_encoder/ folder lies beside it. Put the "
-            "CLIP vision model it was trained with there (h94/IP-Adapter: models/image_encoder), or pass "
-            "--id-embedding FILE."
+        what = "the aligned face's CLIP tokens" if info.kind == "faceid-plus" else "CLIP image embeddings"
+        where = (
+            f"{encoder} holds no CLIP vision model"
+            if image_encoder
+            else "no image_encoder/ folder lies beside it"
         )
+        raise ModelLoadError(
+            f"{adapter_file} takes {what}, but {where}. Pass the CLIP vision model it was trained with as "
+            "--id-image-encoder FOLDER, or put it beside the adapter as image_encoder/ (h94/IP-Adapter: "
+            "models/image_encoder, ViT-H), or pass --id-embedding FILE."
+        )
+    metadata = read_safetensors_metadata(adapter_file) if adapter_file.suffix == ".safetensors" else {}
     crop = metadata.get("pimg.subject_crop") == "true"
-    return ClipImageEmbedder(encoder, crop=crop, tokens=info.kind == "plus")
+    return ClipImageEmbedder(encoder, crop=crop, tokens=info.kind in ("plus", "faceid-plus"))
 
 
 def adapter_guidance(adapter_file: Path) -> float | None:
@@ -259,12 +315,9 @@ def personalize(photos, out_dir: str | Path, *, base: str = "tiny", model: str |
     adapter = resolve_adapter(model, base)
     photos, names = photo_inputs(photos)
     embedder = embedder_for(adapter)
-    embedding = embedder.embed(list(photos), names)
+    tensors = subject_embeddings(embedder, list(photos), names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"embedding": embedding}
-    if getattr(embedder, "tokens", False):
-        tensors["negative"] = embedder.negative()
     write_safetensors_atomically(out / ID_EMBEDDING_FILE, tensors, {"format": "pt"})
     record = {
         "method": "id-adapter",
@@ -293,14 +346,24 @@ def id_adapter_parts(folder: Path, *, scale: float = 1.0, name: str | None = Non
         )
     record = json.loads((folder / "config.json").read_text())
     tensors = read_safetensors(folder / ID_EMBEDDING_FILE, what="ID embedding file")
-    part = IdAdapterPart(
-        record["adapter"],
-        tensors["embedding"],
-        scale=scale,
-        name=name or "id_adapter",
-        negative=tensors.get("negative"),
-    )
-    return [part]
+    known = {k: v for k, v in tensors.items() if k in SUBJECT_TENSORS}
+    return [IdAdapterPart(record["adapter"], scale=scale, name=name or "id_adapter", **known)]
+
+
+#: What `subject_embeddings` gives and `IdAdapterPart` takes, by its argument names.
+SUBJECT_TENSORS = ("embedding", "negative", "face_tokens", "face_tokens_negative")
+
+
+def subject_embeddings(embedder, photos, names) -> dict[str, torch.Tensor]:
+    """The photos as `IdAdapterPart`'s arguments: the embedding, and for IP-Adapter Plus its
+    unconditional tokens, for FaceID Plus the aligned face's CLIP tokens and their unconditional form."""
+    if hasattr(embedder, "embed_with_face_tokens"):
+        embedding, tokens = embedder.embed_with_face_tokens(photos, names)
+        return {"embedding": embedding, "face_tokens": tokens, "face_tokens_negative": embedder.negative()}
+    tensors = {"embedding": embedder.embed(photos, names)}
+    if getattr(embedder, "tokens", False):
+        tensors["negative"] = embedder.negative()
+    return tensors
 
 
 def read_embedding_file(path: str | Path) -> torch.Tensor:
@@ -331,11 +394,11 @@ def read_embedding_file(path: str | Path) -> torch.Tensor:
 def part_from_request(request) -> IdAdapterPart:
     """`pimg generate --id-adapter/--id-image/--id-embedding` as a part; says which face was used."""
     adapter = resolve_adapter(request.id_adapter, request.base)
-    embedder = None if request.id_embedding else embedder_for(adapter, request.face_backend)
-    if embedder is None:
-        embedding = read_embedding_file(request.id_embedding)
+    if request.id_embedding:
+        tensors = {"embedding": read_embedding_file(request.id_embedding)}
     else:
-        embedding = embedder.embed(request.id_images, request.id_images)
+        embedder = embedder_for(adapter, request.face_backend, image_encoder=request.id_image_encoder)
+        tensors = subject_embeddings(embedder, request.id_images, request.id_images)
         for report in getattr(embedder, "reports", []):
             if report["faces"] > 1:
                 print(
@@ -343,7 +406,4 @@ def part_from_request(request) -> IdAdapterPart:
                     f"{report['used_box']} (left, top, right, bottom)"
                 )
     print(f"pimg: ID adapter {adapter} at scale {request.id_scale:g}")
-    part = IdAdapterPart(adapter, embedding, scale=request.id_scale)
-    if part.info.kind == "plus" and embedder is not None:  # its encoder is loaded: do not load it again
-        part.negative = embedder.negative()
-    return part
+    return IdAdapterPart(adapter, scale=request.id_scale, **tensors)
