@@ -934,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bare-photos",
         action="store_true",
         help="trained methods get photos without the helper captions naming their backgrounds, as a "
-        "user gives them (with --set auto_caption=true pimg captions them itself)",
+        "user gives them (the tiny presets caption them themselves; --set auto_caption=false: not)",
     )
     ets.add_argument(
         "--scales",
