@@ -192,6 +192,7 @@ class IdAdapterPart(Part):
 
     def detach(self, pipe) -> None:
         pipe.unload_ip_adapter()
+        self._face_projection = None
         if self.info.has_lora:
             pipe.delete_adapters(COMPANION_LORA)
 
@@ -233,6 +234,7 @@ class IdAdapterPart(Part):
             "adapter": str(self.path),
             "adapter_kind": self.info.kind,
             "scale": self.scale,
+            **({"shortcut": self.shortcut} if self.info.kind == "faceid-plus" else {}),
             "faceid_lora": self.info.has_lora,
         }
 
