@@ -401,6 +401,7 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
             guidance_scale=2.0,
             subject_set="held-out",
             subject_seed=3,
+            placed=True,
             out_dir=str(tmp_path / "eval"),
         ),
         progress=False,
@@ -410,6 +411,7 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
     with pytest.raises(InputError, match="subject_set must be 'eval' or 'held-out'"):
         ToySubjectEvalConfig(method="hypernet", subject_set="fresh")
     assert row["predict_seconds"] > 0 and "predict_seconds" in report["mean"]
+    assert 0.0 <= row["placement"] <= 1.0 and "base_placement" in report["mean"]
     assert (
         json.loads((tmp_path / "eval" / row["subject"] / "result" / "config.json").read_text())["token"]
         == "sks"

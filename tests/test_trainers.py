@@ -498,3 +498,56 @@ def test_sdxl_lora_and_dreambooth_train_and_load(method, random_sdxl_dir, photos
         StableDiffusionXLPipeline.from_pretrained(str(out))
     after = sdxl_pixels(trained, "a sks star")
     assert np.abs(after - before).max() > 0
+
+
+class PlacingPipe:
+    """Stands in for a personalized pipeline: draws the subject where a placed prompt asks, or
+    (`obeys=False`) always large at the centre, so placement is known exactly."""
+
+    def __init__(self, subject, obeys: bool):
+        self.subject, self.obeys = subject, obeys
+
+    def generate(self, prompts, num_inference_steps, guidance_scale, seeds):
+        import re
+        from types import SimpleNamespace
+
+        from pimg.toyworld.palette import POSITIONS, SIZES
+        from pimg.toyworld.subjects import render_subject
+
+        images = []
+        for prompt in prompts:
+            size, position, bg = re.fullmatch(
+                r"a (\w+) sks \w+ at the (\w+) on a (\w+) background", prompt
+            ).groups()
+            if not self.obeys:
+                size, position = "large", "center"
+            image = render_subject(self.subject, SIZES[size], POSITIONS[position], bg, noise=0)
+            images.append(SimpleNamespace(image=image))
+        return images
+
+
+def test_placed_prompts_ask_every_size_and_position_in_turn_and_placement_is_read_by_pixels():
+    from pimg.toyworld.subjects import EVAL_SUBJECTS
+    from pimg.trainers.toy_subject_eval import (
+        PLACEMENTS,
+        ToySubjectEvalConfig,
+        score,
+        subject_prompts,
+    )
+
+    assert len(set(PLACEMENTS)) == 10  # 2 sizes x 5 positions
+    prompts = subject_prompts("sks star", ["blue"] * 10, placed=True)
+    assert prompts[0] == "a small sks star at the left on a blue background"
+    assert {p.split(" sks")[0] for p in prompts} == {"a small", "a large"}
+    assert len(set(prompts)) == 10
+    assert subject_prompts("star", ["red"], placed=False) == ["a star on a red background"]
+
+    subject = next(iter(EVAL_SUBJECTS.values()))
+    # 10 images per background: each background is asked for every placement once
+    config = ToySubjectEvalConfig(method="lora", images_per_background=10, placed=True)
+    obeying = score(PlacingPipe(subject, obeys=True), subject, "sks star", config, guidance=1.0)
+    assert obeying.placement == 1.0 and obeying.background_accuracy == 1.0
+    assert obeying.fidelity > 0.9
+    stuck = score(PlacingPipe(subject, obeys=False), subject, "sks star", config, guidance=1.0)
+    assert stuck.placement == pytest.approx(0.1)  # only "large at the center" is right
+    assert stuck.fidelity > 0.9  # fidelity alone cannot tell the two apart

@@ -11,6 +11,9 @@ a user would (`LoraPart`, `EmbeddingPart`, or the DreamBooth folder as a base), 
 - base fidelity: the untrained base with `a <class> on a <bg> background` (how far the class noun
   alone gets; a method must beat it);
 - drift: the trained model with the same token-free prompt (the class noun taking on the subject);
+- placement (with `placed`): every prompt also names a size and a position (`a large <token> <class>
+  at the left on a <bg> background`), and the share of images whose object reads at both: whether
+  the subject still follows the rest of the prompt (the toy analogue of DreamBench's prompt fidelity);
 - training wall time (photo loading, class images, training and saving: everything `train` does).
 """
 
@@ -28,6 +31,7 @@ import numpy as np
 from pimg.errors import InputError
 from pimg.inference.guidance import choose_guidance
 from pimg.methods import evaluation_variants, load_result, preset_path
+from pimg.toyworld.palette import POSITIONS, SIZES
 from pimg.trainers.subject_training import config_record
 
 
@@ -49,6 +53,8 @@ class ToySubjectEvalConfig:
         photos_per_subject: training photos per subject.
         photo_seed: seed of `Subject.photos`.
         caption_backgrounds: give each photo the caption `a {token} {class_noun} on a <bg> background`.
+        placed: prompts also name a size and a position (the grammar's 2 x 5, in turn) and placement is
+            scored; False: `a <token> <class> on a <bg> background`, as the method presets were tuned on.
         num_inference_steps, guidance_scale: generation settings. guidance None: the one the result
             recorded (`choose_guidance`), else the base's; the base and drift images use the same
             guidance, so the three fidelities compare.
@@ -77,6 +83,7 @@ class ToySubjectEvalConfig:
     photos_per_subject: int = 4
     photo_seed: int = 0
     caption_backgrounds: bool = True
+    placed: bool = False
     num_inference_steps: int = 25
     guidance_scale: float | None = None
     seed: int = 1234
@@ -122,19 +129,46 @@ def method_config(config: ToySubjectEvalConfig, subject, run_dir: Path, override
     return train_method, load_train_config(train_method, preset, values)
 
 
-def score(pipe, subject, prompt_words: str, config: ToySubjectEvalConfig, guidance: float):
-    """Generate for every background the subject may appear on; (images, mean fidelity, background accuracy).
+# Every size and position the caption grammar names, taken in turn by the placed prompts.
+PLACEMENTS = tuple(itertools.product(SIZES, POSITIONS))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One `score` call: the images and their means (placement None unless the prompts placed the object)."""
+
+    images: list
+    fidelity: float
+    background_accuracy: float
+    placement: float | None
+
+
+def subject_prompts(words: str, backgrounds: list[str], placed: bool) -> list[str]:
+    """One prompt per background entry; `words` is what follows the article (`sks circle`).
+
+    Placed prompt i names `PLACEMENTS[i % 10]`, so every size and position is asked for equally often.
+    """
+    if not placed:
+        return [f"a {words} on a {bg} background" for bg in backgrounds]
+    return [
+        f"a {size} {words} at the {position} on a {bg} background"
+        for (size, position), bg in zip(itertools.cycle(PLACEMENTS), backgrounds)
+    ]
+
+
+def score(pipe, subject, words: str, config: ToySubjectEvalConfig, guidance: float) -> Scores:
+    """Generate for every background the subject may appear on and read the images by pixels.
 
     One pipeline call for all backgrounds (batched is faster on any device); image k of each
     background uses seed `config.seed + k`, as `PersonalizedPipeline.generate` would, and every
     part of `pipe` applies (the pipeline's own call, not diffusers' directly).
     """
-    from pimg.toyworld.checker import read_background, subject_fidelity
+    from pimg.toyworld.checker import read_background, read_object, subject_fidelity
 
     n = config.images_per_background
     backgrounds = [bg for bg in subject.backgrounds for _ in range(n)]
     generated = pipe.generate(
-        [f"{prompt_words} on a {bg} background" for bg in backgrounds],
+        subject_prompts(words, backgrounds, config.placed),
         num_inference_steps=config.num_inference_steps,
         guidance_scale=guidance,
         seeds=[config.seed + k % n for k in range(len(backgrounds))],
@@ -142,7 +176,18 @@ def score(pipe, subject, prompt_words: str, config: ToySubjectEvalConfig, guidan
     images = [np.asarray(g.image) for g in generated]
     fidelity = [subject_fidelity(image, subject) for image in images]
     background = [read_background(image) == bg for image, bg in zip(images, backgrounds, strict=True)]
-    return images, float(np.mean(fidelity)), float(np.mean(background))
+    placement = None
+    if config.placed:
+        readings = [read_object(image) for image in images]
+        placement = float(
+            np.mean(
+                [
+                    r is not None and (r.size, r.position) == asked
+                    for r, asked in zip(readings, itertools.cycle(PLACEMENTS))
+                ]
+            )
+        )
+    return Scores(images, float(np.mean(fidelity)), float(np.mean(background)), placement)
 
 
 def evaluate_subject(
@@ -158,7 +203,7 @@ def evaluate_subject(
     photos = subject.photos(config.photos_per_subject, seed=config.photo_seed)
     method = evaluation_variants()[config.method][0]
     personalize = method.personalize_function()
-    class_words = f"a {subject.class_noun}"
+    class_words = subject.class_noun
     began = time.time()
     if personalize is not None:
         # No training (or a short fine-tune): the subject comes from its photos alone, without
@@ -174,7 +219,7 @@ def evaluate_subject(
         recorded = _recorded(result)
         subject_words, record = class_words, {"model": config.model, "finetune_steps": config.finetune_steps}
         if recorded.get("token"):  # a predicted LoRA is bound to a word (the hypernetwork's `sks`)
-            subject_words = f"a {recorded['token']} {subject.class_noun}"
+            subject_words = f"{recorded['token']} {subject.class_noun}"
     else:
         train_method, train_config = method_config(config, subject, run_dir, overrides)
         captions = None
@@ -183,37 +228,41 @@ def evaluate_subject(
         save_photos(run_dir / "photos", photos, captions)
         result = train(train_method, train_config, progress=progress)
         recorded = _recorded(result)
-        base, subject_words = train_config.base, f"a {train_config.token} {subject.class_noun}"
+        base, subject_words = train_config.base, f"{train_config.token} {subject.class_noun}"
         record = config_record(train_config)
     train_seconds = time.time() - began
     # The guidance a user of the result gets (the one it recorded, unless --guidance is given); the
     # base's images are drawn at the same guidance so the fidelities compare.
     guidance, _ = choose_guidance(base, [result], config.guidance_scale)
-    _, base_fidelity, base_background = score(base_pipe, subject, class_words, config, guidance)
+    base_scores = score(base_pipe, subject, class_words, config, guidance)
     trained = _load_trained(base, result, hm_cfg=config.hm_cfg)
-    images, fidelity, background = score(trained, subject, subject_words, config, guidance)
+    scores = score(trained, subject, subject_words, config, guidance)
     # Drift (the class noun taking on the subject) needs a token; without one it is the fidelity itself.
     drift = (
-        fidelity
+        scores.fidelity
         if subject_words == class_words
-        else score(trained, subject, class_words, config, guidance)[1]
+        else score(trained, subject, class_words, config, guidance).fidelity
     )
     by_scale = {}
     for scale in config.scales:
         scaled = trained if scale == 1.0 else _load_trained(base, result, scale=scale, hm_cfg=config.hm_cfg)
-        _, scale_fidelity, scale_background = score(scaled, subject, subject_words, config, guidance)
-        by_scale[f"{scale:g}"] = {"fidelity": scale_fidelity, "background_accuracy": scale_background}
+        scaled_scores = score(scaled, subject, subject_words, config, guidance)
+        by_scale[f"{scale:g}"] = {
+            "fidelity": scaled_scores.fidelity,
+            "background_accuracy": scaled_scores.background_accuracy,
+        }
     shutil.rmtree(result / "checkpoints", ignore_errors=True)  # the result is saved; keep the disk free
     row = {
         "subject": subject.name,
         "class_noun": subject.class_noun,
-        "prompt_words": subject_words,
+        "prompt_words": f"a {subject_words}",
         "backgrounds": list(subject.backgrounds),
-        "fidelity": fidelity,
-        "background_accuracy": background,
-        "base_fidelity": base_fidelity,
-        "base_background_accuracy": base_background,
+        "fidelity": scores.fidelity,
+        "background_accuracy": scores.background_accuracy,
+        "base_fidelity": base_scores.fidelity,
+        "base_background_accuracy": base_scores.background_accuracy,
         "drift_fidelity": drift,
+        **({"placement": scores.placement, "base_placement": base_scores.placement} if config.placed else {}),
         "train_seconds": train_seconds,
         **{k: v for k, v in recorded.items() if k in ("predict_seconds", "finetune_seconds")},
         "guidance_scale": guidance,
@@ -221,7 +270,7 @@ def evaluate_subject(
         "train_config": record,
     }
     per_bg = config.images_per_background
-    return row, list(photos), [images[i * per_bg] for i in range(len(subject.backgrounds))]
+    return row, list(photos), [scores.images[i * per_bg] for i in range(len(subject.backgrounds))]
 
 
 def evaluate_subjects(
@@ -255,7 +304,8 @@ def evaluate_subjects(
         grid_rows.append(photos + generated)
         print(_format_row(row), flush=True)
     keys = ("fidelity", "background_accuracy", "base_fidelity", "drift_fidelity", "train_seconds")
-    keys += tuple(k for k in ("predict_seconds", "finetune_seconds") if all(k in r for r in rows))
+    optional = ("placement", "base_placement", "predict_seconds", "finetune_seconds")
+    keys += tuple(k for k in optional if all(k in r for r in rows))
     report = {
         "config": asdict(config),
         "overrides": overrides or {},
@@ -324,6 +374,11 @@ def _format_row(row: dict) -> str:
     return (
         f"{row['subject']:28s} fidelity {row['fidelity']:.3f}  background {100 * row['background_accuracy']:5.1f}%  "
         f"base {row['base_fidelity']:.3f}  drift {row['drift_fidelity']:.3f}  train {row['train_seconds']:5.1f} s"
+        + (
+            f"  placed {100 * row['placement']:5.1f}% (base {100 * row['base_placement']:5.1f}%)"
+            if "placement" in row
+            else ""
+        )
         + (f"  guidance {row['guidance_scale']:g}" if "guidance_scale" in row else "")
         + (f"  predict {row['predict_seconds']:.2f} s" if "predict_seconds" in row else "")
     )

@@ -329,6 +329,7 @@ def cmd_eval_toysubject(args) -> None:
         finetune_steps=args.finetune_steps,
         hm_cfg=args.hm_cfg,
         caption_backgrounds=False if args.bare_photos else None,
+        placed=args.placed or None,
     )
     config = ToySubjectEvalConfig(**{k: v for k, v in fields.items() if v is not None})
     evaluate_subjects(config, overrides=_checked_set(args.method, args.set or []))
@@ -935,6 +936,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="trained methods get photos without the helper captions naming their backgrounds, as a "
         "user gives them (the tiny presets caption them themselves; --set auto_caption=false: not)",
+    )
+    ets.add_argument(
+        "--placed",
+        action="store_true",
+        help="prompts also name a size and a position (a large sks circle at the left on ...); "
+        "prints how often the object is placed as asked",
     )
     ets.add_argument(
         "--scales",
