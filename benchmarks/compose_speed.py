@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from random_bases import random_sd15_pipeline
+from timing import DTYPES, best_of
 
 from pimg.fusion import Composition, regional_subject
 from pimg.inference.parts import LoraPart
@@ -30,19 +30,13 @@ def best_time(pp, make_parts, images: int, steps: int, repeats: int = 3, **gener
     for part in make_parts():
         pp.add(part)
     try:
-        pp.generate(PROMPT, num_images=images, num_inference_steps=2, **generation)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            pp.generate(PROMPT, num_images=images, num_inference_steps=steps, **generation)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - began)
+        return best_of(
+            repeats,
+            lambda: pp.generate(PROMPT, num_images=images, num_inference_steps=steps, **generation),
+            warm_up=lambda: pp.generate(PROMPT, num_images=images, num_inference_steps=2, **generation),
+        )
     finally:
         pp.clear()
-    return min(times)
 
 
 def random_sd15_subjects(folder: Path) -> tuple[Path, tuple[Path, Path]]:
@@ -52,7 +46,7 @@ def random_sd15_subjects(folder: Path) -> tuple[Path, tuple[Path, Path]]:
 
     from pimg.formats.lora import lora_state_dict_from_peft, save_lora
 
-    base = random_sd15_pipeline(folder)
+    base = random_sd15_pipeline()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
     loras = []
     for seed in (1, 2):
@@ -71,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the pipeline's dtype")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the base's)")
     parser.add_argument("--subjects", default="out/eval-toycompose/subjects")
     parser.add_argument("--first", default="diagonal_diamond_obk")
@@ -85,7 +80,7 @@ def main() -> None:
         else:
             base = "tiny"
             a, b = (Path(args.subjects) / name / "result" for name in (args.first, args.second))
-        pp = PersonalizedPipeline.from_base(base, device=args.device)
+        pp = PersonalizedPipeline.from_base(base, device=args.device, dtype=DTYPES[args.dtype])
         pp.pipe.set_progress_bar_config(disable=True)
         size = {} if args.resolution is None else {"height": args.resolution, "width": args.resolution}
         generation = {"guidance_scale": 1.0 if args.arch == "tiny" else 7.5, **size}
@@ -100,7 +95,7 @@ def main() -> None:
         )
         both = best_time(pp, lambda: [LoraPart(a, name="a"), LoraPart(b, name="b")], **timing)
     print(
-        f"{args.arch} ({'random weights' if args.arch == 'sd15' else 'trained LoRAs'}) on {args.device}, "
+        f"{args.arch} ({'random weights' if args.arch == 'sd15' else 'trained LoRAs'}) on {args.device}, {args.dtype}, "
         f"{args.images} images, {args.steps} steps, {args.resolution or 'native'} px, guidance "
         f"{generation['guidance_scale']}: one LoRA {single:.2f} s; fusion {fused:.2f} s ({fused / single:.2f}x); "
         f"two LoRAs everywhere {both:.2f} s ({both / single:.2f}x)"

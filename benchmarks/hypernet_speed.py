@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from random_bases import random_sd15_pipeline
+from timing import DTYPES, best_of
 
 from pimg.inference.hybrid_guidance import HybridGuidance
 from pimg.inference.parts import LoraPart
@@ -26,23 +26,6 @@ from pimg.inference.pipeline import PersonalizedPipeline
 from pimg.toyworld.subjects import EVAL_SUBJECTS
 
 PROMPT = "a sks star on a green background"
-
-
-def synchronized(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_of(repeats: int, device: str, run) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronized(device)
-        began = time.perf_counter()
-        run()
-        synchronized(device)
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def random_sd15(folder: Path) -> tuple[Path, Path]:
@@ -53,7 +36,7 @@ def random_sd15(folder: Path) -> tuple[Path, Path]:
     from pimg.hypernets.lidb import LidbSpace
     from pimg.hypernets.model import HypernetArchitecture, Hypernetwork, PhotoEncoder
 
-    base = random_sd15_pipeline(folder)
+    base = random_sd15_pipeline()
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     vision = CLIPVisionModel(
         CLIPVisionConfig(
@@ -90,6 +73,7 @@ def main() -> None:
     parser.add_argument("--hm-cfg", type=float, default=1.0, help="subject scale of HM-CFG")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the pipelines' dtype")
     args = parser.parse_args()
 
     from pimg.hypernets.model import Hypernetwork
@@ -106,12 +90,12 @@ def main() -> None:
 
     pipe = load_base(base)
     hypernet = Hypernetwork.load(hypernet_folder, pipe.unet).to(args.device)
-    predict = best_of(args.repeats, args.device, lambda: hypernet.predict(photos))
+    predict = best_of(args.repeats, lambda: hypernet.predict(photos))
     subject = personalize(photos, scratch / "subject", base=base, model=hypernet_folder, pipe=pipe)
 
-    plain = PersonalizedPipeline.from_base(base, device=args.device)
+    plain = PersonalizedPipeline.from_base(base, device=args.device, dtype=DTYPES[args.dtype])
     plain.add(LoraPart(subject))
-    hybrid = PersonalizedPipeline.from_base(base, device=args.device)
+    hybrid = PersonalizedPipeline.from_base(base, device=args.device, dtype=DTYPES[args.dtype])
     hybrid.add(HybridGuidance(LoraPart(subject), subject_scale=args.hm_cfg))
     size = {"height": args.size, "width": args.size} if args.size else {}
 
@@ -126,12 +110,12 @@ def main() -> None:
 
     for pp in (plain, hybrid):
         pp.pipe.set_progress_bar_config(disable=True)
-    plain_time = best_of(args.repeats, args.device, generate(plain))
-    hybrid_time = best_of(args.repeats, args.device, generate(hybrid))
+    plain_time = best_of(args.repeats, generate(plain))
+    hybrid_time = best_of(args.repeats, generate(hybrid))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"run: {args.arch} ({'random weights' if args.arch == 'sd15' else 'shipped hypernetwork'}) on {args.device} ({name}, "
-        f"{torch.get_num_threads()} threads)"
+        f"{torch.get_num_threads()} threads), {args.dtype}"
     )
     print(f"prediction from {args.photos} photos: {predict:.3f} s (best of {args.repeats})")
     print(

@@ -5,17 +5,26 @@ Imported by the benchmark scripts beside it (`python benchmarks/<script>.py` put
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+# Where the random SD1.5 folder is kept between runs (about 4 GB in float32); the weights are seeded,
+# so every run, and every script, times the same model.
+CACHE = Path(os.environ.get("PIMG_BENCH_CACHE", Path.home() / ".cache" / "pimg" / "benchmarks"))
 
-def random_sd15_pipeline(folder: Path) -> Path:
-    """Stable Diffusion 1.5's architecture with random weights, saved as a diffusers folder (returned).
+
+def random_sd15_pipeline(folder: Path = CACHE) -> Path:
+    """Stable Diffusion 1.5's architecture with random weights, saved as a diffusers folder (returned;
+    `folder/sd15`, reused when an earlier run saved it whole).
 
     UNet 320-640-1280-1280 with 768-wide cross-attention (diffusers' defaults), SD's VAE and a
     12-layer 768-wide CLIP text encoder over the toy tokenizer's vocabulary.
     """
+    base = folder / "sd15"
+    if (base / "model_index.json").is_file():  # written last by save_pretrained
+        return base
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -55,6 +64,5 @@ def random_sd15_pipeline(folder: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    base = folder / "sd15"
     pipe.save_pretrained(base)
     return base

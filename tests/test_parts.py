@@ -42,7 +42,17 @@ PART_FACTORIES = {
     "embedding": lambda pp, lora_dir, tmp: EmbeddingPart(_embedding_file(pp, tmp)),
     "composition": lambda pp, lora_dir, tmp: _composition(pp, lora_dir, tmp),
     "id-adapter-faceid": lambda pp, lora_dir, tmp: _faceid(pp, tmp),
+    "hm-cfg": lambda pp, lora_dir, tmp: _hybrid_guidance(lora_dir),
 }
+
+
+def _hybrid_guidance(lora_dir):
+    from pimg.inference.hybrid_guidance import HybridGuidance
+
+    # HM-CFG routes UNet layers only: the fixture LoRA without its text-encoder half
+    weights = read_safetensors(lora_dir / "pytorch_lora_weights.safetensors")
+    unet_only = {key: value for key, value in weights.items() if key.startswith("unet.")}
+    return HybridGuidance(LoraPart(unet_only, name="personalised"), subject_scale=1.5)
 
 
 def _faceid(pp, folder):
@@ -81,6 +91,26 @@ def pp(random_tiny_dir):
 @pytest.fixture(scope="module")
 def bare(pp):
     return _pixels(pp.generate(PROMPT, **FAST))
+
+
+@pytest.fixture(scope="module")
+def half_pp(random_tiny_dir):
+    """The pipeline in bfloat16, as `pimg` runs on a GPU (CPUs compute bfloat16 too, slowly)."""
+    pipe = PersonalizedPipeline.from_base(str(random_tiny_dir), dtype=torch.bfloat16)
+    pipe.pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", sorted(PART_FACTORIES))
+def test_every_part_generates_in_half_precision(half_pp, lora_dir, tmp_path, kind):
+    bare_half = _pixels(half_pp.generate(PROMPT, **FAST))
+    part = PART_FACTORIES[kind](half_pp, lora_dir, tmp_path)
+    half_pp.add(part)
+    try:
+        with_part = _pixels(half_pp.generate(PROMPT, **FAST))
+    finally:
+        half_pp.remove(part.name)
+    assert np.abs(with_part - bare_half).max() > 0  # it ran, in bfloat16, and did something
 
 
 @pytest.mark.parametrize("kind", sorted(PART_FACTORIES))

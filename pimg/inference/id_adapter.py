@@ -175,6 +175,7 @@ class IdAdapterPart(Part):
         self.shortcut = "plusv2" in self.path.name.lower() if shortcut is None else bool(shortcut)
         self.shortcut_scale = float(shortcut_scale)
         self._face_projection = None
+        self._dtype = torch.float32  # the UNet's, set on attach
 
     def attach(self, pipe) -> None:
         if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
@@ -185,6 +186,9 @@ class IdAdapterPart(Part):
         check_ip_adapter(self.info, pipe.unet, str(self.path))
         load_adapter_into(pipe, self.weights, self.scale)
         project_once_per_call(pipe.unet.encoder_hid_proj)
+        # diffusers moves `ip_adapter_image_embeds` to the device but keeps their dtype: a half-precision
+        # UNet needs them in its own
+        self._dtype = pipe.unet.dtype
         if self.info.kind == "faceid-plus":  # diffusers reads the face tokens from the projection itself
             self._face_projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
             self._face_projection.shortcut = self.shortcut
@@ -204,7 +208,7 @@ class IdAdapterPart(Part):
         guided = call.guidance_scale > 1
         if self.info.kind == "plus" and guided and self.negative is None:
             self.negative = self._encoder_negative(self.embedding, "negative")
-        embeds = image_embeds_argument(self.embedding, rows, guided, self.negative)
+        embeds = image_embeds_argument(self.embedding, rows, guided, self.negative).to(self._dtype)
         if self._face_projection is not None:
             if guided and self.face_tokens_negative is None:
                 self.face_tokens_negative = self._encoder_negative(self.face_tokens, "face_tokens_negative")
