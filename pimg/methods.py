@@ -209,6 +209,12 @@ register(
         flags=(
             Flag("--rank", "rank", "LoRA rank r (default: the preset's, 8 on tiny; else 4)", type=int),
             Flag("--pivotal", "pivotal", "also learn the token (give a new one, e.g. '<sks>'; default: off)"),
+            Flag(
+                "--prior",
+                "prior_preservation",
+                "add DreamBooth's prior preservation: the loss of class images the base draws from "
+                "class_prompts (default: off)",
+            ),
             _TEXT_ENCODER,
         ),
         variants={"pivotal": {"pivotal": True, "token": "<sks>"}},

@@ -133,14 +133,12 @@ def test_two_ranks_see_different_photos_and_average_to_one_process(
     config = fast_config(method, random_tiny_dir, photos_dir, tmp_path, **overrides)
     with one_thread():
         trainer = get_method(method).trainer_class()(config)
-    instance = (lambda b: b.instance) if method == "dreambooth" else (lambda b: b)
-
     def loss_and_photos(shard: Shard, batch_size: int, step: int):
         trainer.shard, trainer.config.batch_size = shard, batch_size
         batch = trainer.batch(step, 0, seed=0)
         with torch.no_grad(), one_thread():
             loss, _ = trainer.loss(batch, torch.Generator().manual_seed(step))
-        return float(loss), instance(batch).latents
+        return float(loss), batch.latents
 
     step = 1  # with 3 photos, its global batch (positions 2 and 3) spans two epochs
     one_loss, one_photos = loss_and_photos(Shard(), 2, step)

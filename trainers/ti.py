@@ -43,6 +43,11 @@ class TiTrainConfig(SubjectConfig):
         super().__post_init__()
         if self.n_vectors < 1:
             raise InputError(f"n_vectors must be >= 1, got {self.n_vectors}.")
+        if self.prior_preservation:
+            raise InputError(
+                "prior_preservation does nothing for Textual Inversion: it trains the token's vectors only, "
+                "and class prompts never use the token. Leave it off (use LoRA or DreamBooth for a prior)."
+            )
 
 
 class TextualInversionMethod(SubjectTraining):
