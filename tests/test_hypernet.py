@@ -387,7 +387,7 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
     random_tiny_dir, strong_hypernet, tmp_path
 ):
     from pimg.toyworld.subjects import held_out_stream
-    from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, evaluate_subjects
+    from pimg.trainers.toy_subject_eval import ToySubjectEvalConfig, evaluate_subjects, format_report
 
     report = evaluate_subjects(
         ToySubjectEvalConfig(
@@ -402,6 +402,7 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
             subject_set="held-out",
             subject_seed=3,
             placed=True,
+            scales=(0.5,),
             out_dir=str(tmp_path / "eval"),
         ),
         progress=False,
@@ -412,6 +413,8 @@ def test_eval_toysubject_predicts_and_prompts_with_the_recorded_token(
         ToySubjectEvalConfig(method="hypernet", subject_set="fresh")
     assert row["predict_seconds"] > 0 and "predict_seconds" in report["mean"]
     assert 0.0 <= row["placement"] <= 1.0 and "base_placement" in report["mean"]
+    assert 0.0 <= row["by_scale"]["0.5"]["placement"] <= 1.0
+    assert "placed" in format_report(report).splitlines()[-1]  # the sweep line prints it
     assert (
         json.loads((tmp_path / "eval" / row["subject"] / "result" / "config.json").read_text())["token"]
         == "sks"

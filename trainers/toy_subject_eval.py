@@ -250,6 +250,7 @@ def evaluate_subject(
         by_scale[f"{scale:g}"] = {
             "fidelity": scaled_scores.fidelity,
             "background_accuracy": scaled_scores.background_accuracy,
+            **({"placement": scaled_scores.placement} if config.placed else {}),
         }
     shutil.rmtree(result / "checkpoints", ignore_errors=True)  # the result is saved; keep the disk free
     row = {
@@ -397,7 +398,14 @@ def format_report(report: dict) -> str:
             rows = [r["by_scale"][scale] for r in report["subjects"]]
             fidelity = np.mean([r["fidelity"] for r in rows])
             background = np.mean([r["background_accuracy"] for r in rows])
-            lines.append(f"  scale {scale:>5s}  fidelity {fidelity:.3f}  background {100 * background:5.1f}%")
+            placed = (
+                f"  placed {100 * np.mean([r['placement'] for r in rows]):5.1f}%"
+                if "placement" in rows[0]
+                else ""
+            )
+            lines.append(
+                f"  scale {scale:>5s}  fidelity {fidelity:.3f}  background {100 * background:5.1f}%{placed}"
+            )
     return "\n".join(lines)
 
 
