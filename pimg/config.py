@@ -64,12 +64,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where) if len(args) == 1 else value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return tuple(value)
-    if origin is list:
-        return list(value) if not isinstance(value, str) else [v.strip() for v in value.split(",")]
+    if origin in (tuple, list):
+        return origin(_string_list(value, where) if isinstance(value, str) else value)
     if annotation is bool and isinstance(value, str):
         lowered = value.lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no"):
@@ -81,6 +77,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         except (TypeError, ValueError) as exc:
             raise InputError(f"{where} must be {annotation.__name__}, got {value!r}.") from exc
     return value
+
+
+def _string_list(text: str, where: str) -> list:
+    """A list given as one string (`--set`): `a,b` or YAML's `[a, b]`, which users copy from a preset."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError(f"{where}: {text!r} is not a YAML list ({exc}); or write a,b,c.") from exc
+        return [str(item) for item in items]
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:

@@ -133,6 +133,7 @@ def test_two_ranks_see_different_photos_and_average_to_one_process(
     config = fast_config(method, random_tiny_dir, photos_dir, tmp_path, **overrides)
     with one_thread():
         trainer = get_method(method).trainer_class()(config)
+
     def loss_and_photos(shard: Shard, batch_size: int, step: int):
         trainer.shard, trainer.config.batch_size = shard, batch_size
         batch = trainer.batch(step, 0, seed=0)

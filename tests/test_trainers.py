@@ -254,6 +254,18 @@ def test_lora_prior_preservation_draws_class_images_from_the_bare_base(random_ti
         fast_config("ti", random_tiny_dir, photos_dir, tmp_path / "ti", prior_preservation=True)
 
 
+@pytest.mark.parametrize(
+    "given",
+    ["attn2.to_q,attn2.to_out.0", "[attn2.to_q, attn2.to_out.0]", "['attn2.to_q', \"attn2.to_out.0\"]"],
+)
+def test_a_list_setting_reads_commas_or_a_yaml_list(given):
+    """`--set target_modules=[a,b]` (as a preset writes it) must not keep the brackets in the names."""
+    config = load_train_config("lora", None, {"photos": "x", "class_noun": "star", "target_modules": given})
+    assert config.target_modules == ("attn2.to_q", "attn2.to_out.0")
+    with pytest.raises(InputError, match="is not a YAML list"):
+        load_train_config("lora", None, {"photos": "x", "class_noun": "star", "target_modules": "[a, [b]"})
+
+
 def test_unknown_config_key_names_the_nearest(tmp_path):
     yaml = tmp_path / "typo.yaml"
     yaml.write_text("rnak: 8\n")
