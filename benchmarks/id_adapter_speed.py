@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from random_bases import random_sd15_pipeline
-from timing import DTYPES, best_of
+from timing import DTYPES, seconds
 
 from pimg.inference.id_adapter import IdAdapterPart, resolve_adapter
 from pimg.inference.pipeline import PersonalizedPipeline
@@ -85,8 +85,8 @@ def main() -> None:
         generate(pp, 2)()  # warm-up
     times = {"plain": [], "adapter": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        times["plain"].append(best_of(1, generate(plain, args.steps), warm_up=lambda: None))
-        times["adapter"].append(best_of(1, generate(adapted, args.steps), warm_up=lambda: None))
+        times["plain"].append(seconds(generate(plain, args.steps)))
+        times["adapter"].append(seconds(generate(adapted, args.steps)))
     best = {k: min(v) for k, v in times.items()}
     print(
         f"{args.arch if args.arch == 'sd15' else args.base} on {args.device}, {args.dtype}, {args.images} images, "

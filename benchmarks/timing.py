@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the speed scripts beside it: warm up once, then the best of several runs.
+"""Wall-clock timing shared by the speed scripts beside it: one run, or the best of several after a warm-up.
 
 GPU work is asynchronous, so each run is bracketed by `torch.cuda.synchronize()` when CUDA is in use.
 """
@@ -19,14 +19,16 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def seconds(run: Callable[[], object]) -> float:
+    """Wall time of one call of `run`, GPU work included."""
+    _synchronize()
+    began = time.perf_counter()
+    run()
+    _synchronize()
+    return time.perf_counter() - began
+
+
 def best_of(repeats: int, run: Callable[[], object], warm_up: Callable[[], object] | None = None) -> float:
     """Seconds of the fastest of `repeats` calls of `run`, after one call of `warm_up` (default: `run`)."""
     (warm_up or run)()
-    times = []
-    for _ in range(repeats):
-        _synchronize()
-        began = time.perf_counter()
-        run()
-        _synchronize()
-        times.append(time.perf_counter() - began)
-    return min(times)
+    return min(seconds(run) for _ in range(repeats))

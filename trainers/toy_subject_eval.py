@@ -143,16 +143,19 @@ class Scores:
     placement: float | None
 
 
-def subject_prompts(words: str, backgrounds: list[str], placed: bool) -> list[str]:
-    """One prompt per background entry; `words` is what follows the article (`sks circle`).
+def asked_placements(n: int) -> list[tuple[str, str]]:
+    """The (size, position) placed prompt i asks for: `PLACEMENTS[i % 10]`, so each equally often."""
+    return [PLACEMENTS[i % len(PLACEMENTS)] for i in range(n)]
 
-    Placed prompt i names `PLACEMENTS[i % 10]`, so every size and position is asked for equally often.
-    """
+
+def subject_prompts(words: str, backgrounds: list[str], placed: bool) -> list[str]:
+    """One prompt per background entry; `words` is what follows the article (`sks circle`); placed
+    prompts name `asked_placements` too."""
     if not placed:
         return [f"a {words} on a {bg} background" for bg in backgrounds]
     return [
         f"a {size} {words} at the {position} on a {bg} background"
-        for (size, position), bg in zip(itertools.cycle(PLACEMENTS), backgrounds)
+        for (size, position), bg in zip(asked_placements(len(backgrounds)), backgrounds, strict=True)
     ]
 
 
@@ -179,14 +182,11 @@ def score(pipe, subject, words: str, config: ToySubjectEvalConfig, guidance: flo
     placement = None
     if config.placed:
         readings = [read_object(image) for image in images]
-        placement = float(
-            np.mean(
-                [
-                    r is not None and (r.size, r.position) == asked
-                    for r, asked in zip(readings, itertools.cycle(PLACEMENTS))
-                ]
-            )
-        )
+        placed = [
+            r is not None and (r.size, r.position) == asked
+            for r, asked in zip(readings, asked_placements(len(images)), strict=True)
+        ]
+        placement = float(np.mean(placed))
     return Scores(images, float(np.mean(fidelity)), float(np.mean(background)), placement)
 
 
